@@ -1,0 +1,56 @@
+"""mechcliff: mechanistic interpretability of safety in reasoning language models.
+
+Implements "Refusal Falls off a Cliff" (arXiv 2510.06036): refusal probe, per-token refusal trace and cliff
+statistics, direct probe attribution of attention heads, head interventions and attack success rate, on
+TransformerLens 4 (``TransformerBridge``). Imports are lazy so that ``import mechcliff`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "mechcliff.model.loading",
+    "ModelHandle": "mechcliff.model.handle",
+    "check_conformance": "mechcliff.model.conformance",
+    "build_organism": "mechcliff.model.organism",
+    "encode": "mechcliff.chat",
+    "EncodedBatch": "mechcliff.chat",
+    "Prompt": "mechcliff.data",
+    "Rollout": "mechcliff.data",
+    "load_prompts": "mechcliff.data",
+    "load_rollouts": "mechcliff.data",
+    "save_rollouts": "mechcliff.data",
+    "builtin_prompts": "mechcliff.data",
+    "split_thinking": "mechcliff.data",
+    "generate_rollouts": "mechcliff.generation",
+    "encode_rollouts": "mechcliff.generation",
+    "LinearProbe": "mechcliff.probe",
+    "fit_probe": "mechcliff.probe",
+    "trace_refusal": "mechcliff.trace",
+    "RefusalTrace": "mechcliff.trace",
+    "direct_probe_attribution": "mechcliff.attribution",
+    "HeadAttribution": "mechcliff.attribution",
+    "trace_positions": "mechcliff.attribution",
+    "intervene": "mechcliff.interventions",
+    "mean_head_outputs": "mechcliff.interventions",
+    "get_judge": "mechcliff.judges",
+    "ablation_experiment": "mechcliff.asr",
+    "asr_of": "mechcliff.asr",
+    "probe_judge": "mechcliff.asr",
+    "run_pipeline": "mechcliff.pipeline",
+    "RunConfig": "mechcliff.pipeline",
+    "MechcliffError": "mechcliff.errors",
+    "Result": "mechcliff.results",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mechcliff' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from mechcliff.cli import main
+
+sys.exit(main())

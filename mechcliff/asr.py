@@ -1,0 +1,153 @@
+"""Attack success rate (ASR) under head interventions, with a same-size random-heads control.
+
+ASR = fraction of harmful (e.g. jailbreak-framed) prompts whose **final answer** (text after ``</think>``) is not
+judged a refusal; the thinking is never judged here. Intervals are Wilson 95% intervals; rates are also reported
+per category. Next to every ASR we report the refusal rate on harmless prompts, so that "safer" never hides
+"refuses everything".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from mechcliff.data import Prompt, Rollout
+from mechcliff.interventions import head_label, intervene, parse_head
+from mechcliff.results import Result
+from mechcliff.stats import Rate, rate_by_category
+
+
+def refusal_flags(rollouts: Sequence[Rollout], judge: Any) -> list[bool]:
+    """Judge each rollout's final answer (never its thinking)."""
+    return list(judge.judge_many([r.response for r in rollouts]))
+
+
+def asr_of(rollouts: Sequence[Rollout], judge: Any) -> dict[str, Any]:
+    """ASR (complied fraction) with Wilson interval and per-category rates, as a JSON-ready dict."""
+    refused = refusal_flags(rollouts, judge)
+    complied = [not r for r in refused]
+    rate = Rate.of(sum(complied), len(complied))
+    return {**rate.to_dict(), "by_category": {c: r.to_dict() for c, r in
+                                              rate_by_category(complied, [r.category for r in rollouts]).items()}}
+
+
+def probe_judge(handle: Any, probe: Any, threshold: float = 0.5, batch_size: int = 16):
+    """A :class:`~mechcliff.judges.ProbeJudge` reading the model's own refusal intention at ``think_end``."""
+    from mechcliff.chat import encode
+    from mechcliff.judges import ProbeJudge
+    from mechcliff.probe import collect_residuals
+
+    def score(prompts: list[str], thinkings: list[str | None], responses: list[str]) -> list[float]:
+        batch = encode(handle, prompts, thinking=thinkings, answers=responses)
+        x = collect_residuals(handle, batch, [probe.layer], probe.position, batch_size)[:, 0]
+        return [float(v) for v in probe.score(x)]
+
+    return ProbeJudge(score, threshold=threshold)
+
+
+@dataclasses.dataclass
+class AblationResult(Result):
+    """ASR before / after ablating heads, and after ablating random sets of the same size."""
+
+    KIND: ClassVar[str] = "ablation"
+    heads: list[str]
+    mode: str
+    gamma: float
+    judge: str
+    asr_before: dict[str, Any]
+    asr_after: dict[str, Any]
+    asr_random: list[dict[str, Any]]
+    random_heads: list[list[str]]
+    harmless_refusal_before: dict[str, Any]
+    harmless_refusal_after: dict[str, Any]
+    probe_asr_before: float | None = None
+    probe_asr_after: float | None = None
+
+    @property
+    def asr_random_mean(self) -> float:
+        return float(np.mean([r["rate"] for r in self.asr_random])) if self.asr_random else float("nan")
+
+    def plot(self):
+        from mechcliff.plotting import asr_bars
+
+        conds = [("before", self.asr_before), (f"ablate top {len(self.heads)}", self.asr_after)]
+        conds += [(f"random {len(self.heads)} (seed {i})", r) for i, r in enumerate(self.asr_random)]
+        return asr_bars([c for c, _ in conds], [r["rate"] for _, r in conds], [r["low"] for _, r in conds],
+                        [r["high"] for _, r in conds],
+                        title=f"Attack success rate, heads {self.mode} (γ={self.gamma:g})")
+
+    def table_rows(self) -> list[list[object]]:
+        rows = [["before", self.asr_before["rate"], self.asr_before["low"], self.asr_before["high"],
+                 self.harmless_refusal_before["rate"]],
+                [f"ablate {', '.join(self.heads)}", self.asr_after["rate"], self.asr_after["low"],
+                 self.asr_after["high"], self.harmless_refusal_after["rate"]]]
+        for hs, r in zip(self.random_heads, self.asr_random):
+            rows.append([f"random {', '.join(hs)}", r["rate"], r["low"], r["high"], float("nan")])
+        return rows
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        return [("heads", ", ".join(self.heads)), ("mode", f"{self.mode} γ={self.gamma:g}"),
+                ("ASR before", f"{self.asr_before['rate']:.3f}"), ("ASR after", f"{self.asr_after['rate']:.3f}"),
+                ("ASR random heads (mean)", f"{self.asr_random_mean:.3f}")]
+
+
+def random_head_sets(handle: Any, k: int, n_sets: int, seed: int, exclude: Sequence[Any] = ()) -> list[list[tuple[int, int]]]:
+    """``n_sets`` seeded random sets of ``k`` heads drawn from all heads not in ``exclude``."""
+    excluded = {parse_head(h) for h in exclude}
+    pool = [(l, h) for l in range(handle.n_layers) for h in range(handle.n_heads) if (l, h) not in excluded]
+    return [sorted(random.Random(seed + i).sample(pool, min(k, len(pool)))) for i in range(n_sets)]
+
+
+def ablation_experiment(
+    handle: Any,
+    heads: Sequence[Any],
+    attack_prompts: Sequence[Prompt],
+    harmless_prompts: Sequence[Prompt],
+    *,
+    judge: Any,
+    mode: str = "scale_z",
+    gamma: float = 0.0,
+    n_random: int = 3,
+    seed: int = 0,
+    before: tuple[Sequence[Rollout], Sequence[Rollout]] | None = None,
+    probe: Any = None,
+    generation: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> AblationResult:
+    """Generate under the intervention and under random same-size controls; judge the answers."""
+    from mechcliff.generation import generate_rollouts
+
+    gen = dict(generation or {})
+    gen.setdefault("progress", progress)
+    parsed = [parse_head(h) for h in heads]
+    if before is None:
+        before = (generate_rollouts(handle, list(attack_prompts), desc="attack, before", **gen),
+                  generate_rollouts(handle, list(harmless_prompts), desc="harmless, before", **gen))
+    with intervene(handle, parsed, mode=mode, gamma=gamma):
+        att_after = generate_rollouts(handle, list(attack_prompts), desc="attack, ablated", **gen)
+        harmless_after = generate_rollouts(handle, list(harmless_prompts), desc="harmless, ablated", **gen)
+    sets = random_head_sets(handle, len(parsed), n_random, seed, exclude=parsed)
+    random_rates = []
+    for i, hs in enumerate(sets):
+        with intervene(handle, hs, mode=mode, gamma=gamma):
+            rolls = generate_rollouts(handle, list(attack_prompts), desc=f"attack, random set {i}", **gen)
+        random_rates.append(asr_of(rolls, judge))
+    probe_before = probe_after = None
+    if probe is not None:
+        pj = probe_judge(handle, probe)
+        for rolls, slot in ((before[0], "b"), (att_after, "a")):
+            flags = pj.judge_many([r.prompt for r in rolls], [r.thinking for r in rolls], [r.response for r in rolls])
+            val = 1.0 - float(np.mean(flags))
+            probe_before, probe_after = (val, probe_after) if slot == "b" else (probe_before, val)
+    judge_name = getattr(judge, "name", "judge")
+    return AblationResult(
+        heads=[head_label(h) for h in parsed], mode=mode, gamma=float(gamma), judge=judge_name,
+        asr_before=asr_of(before[0], judge), asr_after=asr_of(att_after, judge), asr_random=random_rates,
+        random_heads=[[head_label(h) for h in hs] for hs in sets],
+        harmless_refusal_before=Rate.of(sum(refusal_flags(before[1], judge)), len(before[1])).to_dict(),
+        harmless_refusal_after=Rate.of(sum(refusal_flags(harmless_after, judge)), len(harmless_after)).to_dict(),
+        probe_asr_before=probe_before, probe_asr_after=probe_after,
+    )

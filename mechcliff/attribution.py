@@ -1,0 +1,168 @@
+"""Direct probe attribution (DPA): which components write the probe's logit (arXiv 2510.06036, §1.5).
+
+For a probe on ``resid_post[L]`` the logit at position ``t`` decomposes exactly (pre-norm architectures):
+
+    w · resid_post[L]_t + b = w · embed_t + Σ_{l≤L} Σ_h z[l,h]_t · (W_O[l,h] w) + Σ_{l≤L} w · b_O[l]
+                              + Σ_{l≤L} w · mlp_out[l]_t + b
+
+Per head we compute ``s[l,h] = z[l,h]_t · u[l,h]`` with ``u[l,h] = W_O[l,h] @ w`` precomputed, reducing ``z`` at the
+wanted position as soon as ``hook_z`` fires: memory is O(batch × heads), and ``use_attn_result`` is never needed.
+Negative ``s`` = the head writes against refusal (a refusal-suppression head). The paper's code scores heads by
+``s / ||w||`` averaged over examples; dividing by ``||w||`` or adding the probe bias does not change the ranking,
+so we report the plain contribution to the logit and the bias separately. ``max_abs_error`` is
+``|Σ components − logit|``; on post-norm architectures (Gemma 2/3) the result is flagged ``exact=False``.
+Heads in layers after ``L`` have no direct effect on the probe and are NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from mechcliff.chat import EncodedBatch
+from mechcliff.interventions import head_label
+from mechcliff.results import Result
+
+
+@dataclasses.dataclass
+class HeadAttribution(Result):
+    """Per-example and mean DPA of every head, plus embedding, MLP and bias terms."""
+
+    KIND: ClassVar[str] = "head_attribution"
+    per_example: np.ndarray  # [example, layer, head]
+    mlp: np.ndarray  # [example, layer]
+    embed: np.ndarray  # [example]
+    attn_bias: np.ndarray  # [example] sum over layers of w · b_O
+    logit: np.ndarray  # [example] the probe logit actually read at the position
+    probe_bias: float
+    probe_layer: int
+    positions: list[int]
+    exact: bool = True
+    model_id: str = ""
+    groups: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean contribution of each head over examples, ``[layer, head]`` (NaN after the probe layer)."""
+        return self.per_example.mean(0)
+
+    @property
+    def total(self) -> np.ndarray:
+        """Sum of all components per example (equals ``logit`` up to float error when exact)."""
+        heads = np.nansum(self.per_example, axis=(1, 2))
+        return self.embed + heads + self.attn_bias + self.mlp.sum(1) + self.probe_bias
+
+    @property
+    def errors(self) -> np.ndarray:
+        return np.abs(self.total - self.logit)
+
+    @property
+    def max_abs_error(self) -> float:
+        return float(self.errors.max()) if len(self.errors) else 0.0
+
+    def ranked_heads(self, sign: str = "neg") -> list[tuple[int, int]]:
+        """Heads sorted by mean contribution: most negative first (``sign="neg"``) or most positive first."""
+        m = self.mean
+        flat = [(float(m[l, h]), (l, h)) for l in range(m.shape[0]) for h in range(m.shape[1]) if np.isfinite(m[l, h])]
+        flat.sort(key=lambda t: t[0], reverse=(sign == "pos"))
+        return [h for _, h in flat]
+
+    def top(self, k: int, sign: str = "neg") -> list[str]:
+        """Labels (``"L2H3"``) of the ``k`` strongest suppression (``neg``) or promotion (``pos``) heads."""
+        return [head_label(h) for h in self.ranked_heads(sign)[:k]]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        m = self.mean
+        rows = [{"head": f"L{l}H{h}", "layer": l, "index": h, "mean": float(m[l, h]),
+                 "std": float(np.nanstd(self.per_example[:, l, h]))}
+                for l in range(m.shape[0]) for h in range(m.shape[1])]
+        return pd.DataFrame(rows)
+
+    def plot(self, highlight: list[tuple[int, int]] | None = None, title: str = "Direct probe attribution"):
+        from mechcliff.plotting import layer_head_heatmap
+
+        return layer_head_heatmap(self.mean, title=title, highlight=highlight)
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        return [("examples", str(self.per_example.shape[0])), ("probe layer", str(self.probe_layer)),
+                ("top suppression heads", ", ".join(self.top(5))), ("exact", str(self.exact)),
+                ("max |sum - logit|", f"{self.max_abs_error:.2e}")]
+
+
+@torch.no_grad()
+def direct_probe_attribution(
+    handle: Any, batch: EncodedBatch, probe: Any, *, position: Any = "think_end", batch_size: int = 16,
+    groups: list[str] | None = None,
+) -> HeadAttribution:
+    """DPA of every head (and embedding / MLP / bias terms) at one position per example.
+
+    ``position`` is an anchor (``"think_end"``...), an int, or a per-example index tensor in padded coordinates
+    (e.g. ``t_cliff`` from :func:`mechcliff.trace.trace_refusal` via :func:`trace_positions`). Examples without a
+    position (``-1``) are dropped.
+    """
+    from mechcliff.errors import MechcliffError
+
+    probe.check_model(handle)
+    pos_all = batch.position(position)
+    keep = (pos_all >= 0).nonzero().flatten().tolist()
+    if not keep:
+        raise MechcliffError("no example has the requested position (did the thinking close?)")
+    L, H = probe.layer, handle.n_heads
+    w = torch.as_tensor(probe.w, dtype=torch.float32, device=handle.device)
+    u = [torch.einsum("hdm,m->hd", handle.W_O(l).float(), w) for l in range(L + 1)]
+    bias = float(sum(float(handle.b_O(l).float() @ w) for l in range(L + 1)))
+    n = len(keep)
+    per_example = np.full((n, handle.n_layers, H), np.nan, dtype=np.float64)
+    mlp = np.zeros((n, handle.n_layers))
+    embed = np.zeros(n)
+    logit = np.zeros(n)
+    for s in range(0, n, batch_size):
+        rows_idx = keep[s:s + batch_size]
+        toks, mask = batch.tokens[rows_idx], batch.attention_mask[rows_idx]
+        p = pos_all[rows_idx]
+        ar = torch.arange(len(rows_idx))
+        store: dict[str, Any] = {}
+
+        def on_z(z: torch.Tensor, hook: Any) -> None:
+            l = int(hook.name.split(".")[1])
+            store[f"z{l}"] = torch.einsum("bhd,hd->bh", z[ar, p].float(), u[l]).double().cpu()
+
+        def on_mlp(x: torch.Tensor, hook: Any) -> None:
+            store[f"m{int(hook.name.split('.')[1])}"] = (x[ar, p].float() @ w).double().cpu()
+
+        def on_embed(x: torch.Tensor, hook: Any) -> None:
+            store["embed"] = (x[ar, p].float() @ w).double().cpu()
+
+        def on_resid(x: torch.Tensor, hook: Any) -> None:
+            store["logit"] = (x[ar, p].float() @ w + probe.b).double().cpu()
+
+        hooks = [(f"blocks.{l}.attn.hook_z", on_z) for l in range(L + 1)]
+        hooks += [(f"blocks.{l}.hook_mlp_out", on_mlp) for l in range(L + 1)]
+        hooks += [("blocks.0.hook_resid_pre", on_embed), (probe.hook_name, on_resid)]
+        handle.bridge.run_with_hooks(toks, attention_mask=mask, fwd_hooks=hooks, stop_at_layer=L + 1)
+        sl = slice(s, s + len(rows_idx))
+        for l in range(L + 1):
+            per_example[sl, l] = store[f"z{l}"].numpy()
+            mlp[sl, l] = store[f"m{l}"].numpy()
+        embed[sl] = store["embed"].numpy()
+        logit[sl] = store["logit"].numpy()
+    return HeadAttribution(
+        per_example=per_example, mlp=mlp, embed=embed, attn_bias=np.full(n, bias), logit=logit,
+        probe_bias=float(probe.b), probe_layer=L, positions=[int(pos_all[i]) for i in keep],
+        exact=bool(handle.exact_decomposition), model_id=handle.model_id,
+        groups=[groups[i] for i in keep] if groups is not None else [],
+    )
+
+
+def trace_positions(trace: Any, batch: EncodedBatch, key: str = "t_cliff") -> torch.Tensor:
+    """Per-example padded positions of ``t_cliff`` (from a trace made on ``batch``); ``-1`` where undefined."""
+    out = []
+    for i in range(len(batch)):
+        t = int(trace.stats[key][i])
+        out.append(t + batch.pad_lengths[i] if t >= 0 else -1)
+    return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,125 @@
+"""Batched rollouts: thinking, then answer, split at ``</think>``.
+
+Generation runs in two phases, both through ``hf_model.generate`` (the bridge wraps the HF modules in place, so
+any active mechcliff intervention hooks fire at every step, KV cache included):
+
+1. **Thinking**: the prompt is rendered by the chat template, the think opener is prefilled, and the model writes
+   until it closes the thinking (``</think>``), ends its turn, or reaches ``max_think_tokens``. A thinking that did
+   not close is closed by us ("budget forcing", as in the truncation experiment of arXiv 2510.06036);
+   ``meta["closed_by_model"]`` records which happened.
+2. **Answer**: prompt + thinking + closing template are re-encoded token-exactly (:func:`mechcliff.chat.encode`)
+   and the model writes the answer until its end-of-turn token or ``max_answer_tokens``.
+
+Greedy decoding by default (``temperature=0``); sampling is seeded per batch. Batches are left-padded with an
+attention mask, so greedy batched output equals one-at-a-time output (a test checks this).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from mechcliff.chat import encode
+from mechcliff.data import Prompt, Rollout
+from mechcliff.errors import MechcliffError
+
+
+def _eos_ids(tok) -> list[int]:
+    ids = []
+    for t in (tok.eos_token, "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        if t is None:
+            continue
+        tid = tok.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[int], stop_strings: list[str] | None):
+    kwargs = dict(
+        attention_mask=batch.attention_mask, max_new_tokens=max_new, eos_token_id=stop_ids,
+        pad_token_id=handle.tokenizer.pad_token_id, do_sample=temperature > 0,
+    )
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=handle.tokenizer)
+    with torch.no_grad():
+        out = handle.hf_model.generate(batch.tokens.to(handle.device), **kwargs)
+    return out[:, batch.tokens.shape[1]:].cpu()
+
+
+def _decode(tok, ids: torch.Tensor, stop_ids: list[int]) -> tuple[str, bool]:
+    """Decode one row of new tokens, cutting at the first stop token; return (text, hit_eos)."""
+    row = ids.tolist()
+    hit = False
+    for j, t in enumerate(row):
+        if t in stop_ids:
+            row, hit = row[:j], True
+            break
+    row = [t for t in row if t != tok.pad_token_id]
+    return tok.decode(row, skip_special_tokens=False).strip(), hit
+
+
+def generate_rollouts(
+    handle,
+    prompts: list[Prompt] | list[str],
+    *,
+    max_think_tokens: int = 64,
+    max_answer_tokens: int = 48,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    enable_thinking: bool = True,
+    system: str | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[Rollout]:
+    """Generate thinking + answer for each prompt; returns :class:`~mechcliff.data.Rollout` objects in order."""
+    items = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
+    if not items:
+        raise MechcliffError("no prompts to generate from (empty prompt set)")
+    tok, fmt = handle.tokenizer, handle.think
+    eos = _eos_ids(tok)
+    close_ids = tok(fmt.close_tag, add_special_tokens=False)["input_ids"]
+    think_stop = eos + (close_ids if len(close_ids) == 1 else [])
+    think_strings = None if len(close_ids) == 1 else [fmt.close_tag]
+    order = sorted(range(len(items)), key=lambda i: len(items[i].text))
+    out: list[Rollout | None] = [None] * len(items)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for bi, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+        torch.manual_seed(seed * 100003 + bi)
+        texts = [items[i].text for i in idx]
+        thinks: list[str | None] = [None] * len(idx)
+        closed_by_model = [False] * len(idx)
+        if enable_thinking and max_think_tokens > 0:
+            batch = encode(handle, texts, enable_thinking=True, system=system, open_thinking=True)
+            new = _generate(handle, batch, max_think_tokens, temperature, think_stop, think_strings)
+            for j in range(len(idx)):
+                text, _ = _decode(tok, new[j], eos)
+                if fmt.close_tag in text:
+                    text, closed_by_model[j] = text.split(fmt.close_tag, 1)[0], True
+                thinks[j] = text.replace(fmt.open_tag, "").strip()
+        batch = encode(handle, texts, thinking=thinks, enable_thinking=enable_thinking, system=system)
+        new = _generate(handle, batch, max_answer_tokens, temperature, eos, None)
+        for j, i in enumerate(idx):
+            answer, ended = _decode(tok, new[j], eos)
+            p = items[i]
+            out[i] = Rollout(
+                prompt=p.text, thinking=thinks[j], response=answer, category=p.category, group=p.group, id=p.id,
+                has_think_close=True,
+                meta={"closed_by_model": closed_by_model[j], "answer_ended": ended, "temperature": temperature,
+                      "seed": seed, "enable_thinking": enable_thinking},
+            )
+    return [r for r in out if r is not None]
+
+
+def encode_rollouts(handle, rollouts: list[Rollout], *, enable_thinking: bool = True, system: str | None = None):
+    """Encode rollouts (prompt, thinking, answer) with token-exact spans; see :func:`mechcliff.chat.encode`."""
+    return encode(
+        handle, [r.prompt for r in rollouts], thinking=[r.thinking for r in rollouts],
+        answers=[r.response for r in rollouts], has_think_close=[r.has_think_close for r in rollouts],
+        enable_thinking=enable_thinking, system=system,
+    )

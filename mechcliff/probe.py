@@ -1,0 +1,229 @@
+"""The refusal probe: logistic regression on the residual stream (arXiv 2510.06036, §1.3 of our spec).
+
+``r = sigmoid(w · x + b)`` with ``x = blocks.{layer}.hook_resid_post`` at one token per example (default: the last
+token of the closing template, ``think_end``). Fitted with scikit-learn (centred features, L2, balanced class
+weights, one isotropic scale); the centring and scale are folded back into ``w`` and ``b`` so that the probe is an affine function of the
+raw residual stream, which direct probe attribution needs. The paper reads the last layer; we sweep all layers,
+report held-out accuracy and AUROC for each, and choose the best (ties go to the deeper layer).
+
+Labels come either from judged behaviour (refused = 1, complied = 0) or, when the model never refuses, from the
+dataset (harmful = 1, harmless = 0); ``label_source`` records which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from mechcliff.chat import EncodedBatch
+from mechcliff.errors import MechcliffError
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+@torch.no_grad()
+def collect_residuals(
+    handle: Any, batch: EncodedBatch, layers: Sequence[int], position: Any = "think_end", batch_size: int = 16
+) -> Float[np.ndarray, "example layer d_model"]:
+    """Residual stream after each of ``layers`` at one position per example (NaN rows where it is missing).
+
+    Positions are gathered inside the hook, so memory stays O(batch x layers x d_model).
+    """
+    pos = batch.position(position)
+    layers = [handle.check_layer(l) for l in layers]
+    out = np.full((len(batch), len(layers), handle.d_model), np.nan, dtype=np.float32)
+    for s in range(0, len(batch), batch_size):
+        p = pos[s:s + batch_size]
+        ok = p >= 0
+        if not ok.any():
+            continue
+        rows = torch.arange(len(p))[ok]
+        store: dict[int, torch.Tensor] = {}
+
+        def grab(x: torch.Tensor, hook: Any) -> None:
+            store[int(hook.name.split(".")[1])] = x[rows, p[ok]].float().cpu()
+
+        handle.bridge.run_with_hooks(
+            batch.tokens[s:s + batch_size], attention_mask=batch.attention_mask[s:s + batch_size],
+            fwd_hooks=[(resid_hook(l), grab) for l in layers], stop_at_layer=max(layers) + 1,
+        )
+        for j, l in enumerate(layers):
+            out[s + rows.numpy(), j] = store[l].numpy()
+    return out
+
+
+@dataclasses.dataclass
+class LinearProbe:
+    """A fitted probe ``sigmoid(w · resid_post[layer] + b)`` with its metrics and provenance."""
+
+    w: np.ndarray
+    b: float
+    layer: int
+    site: str = "resid_post"
+    position: str = "think_end"
+    model_id: str = ""
+    model_hash: str = ""
+    label_source: str = "behaviour"
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hook_name(self) -> str:
+        return resid_hook(self.layer)
+
+    def logit(self, x: "np.ndarray | torch.Tensor") -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(torch.float32) @ torch.as_tensor(self.w, dtype=torch.float32, device=x.device) + self.b
+        return np.asarray(x, dtype=np.float64) @ self.w.astype(np.float64) + self.b
+
+    def score(self, x: "np.ndarray | torch.Tensor") -> Any:
+        z = self.logit(x)
+        return torch.sigmoid(z) if isinstance(z, torch.Tensor) else 1.0 / (1.0 + np.exp(-z))
+
+    def check_model(self, handle: Any) -> None:
+        """Raise when this probe was trained on another model (id, weights fingerprint or width differ)."""
+        if self.w.shape[0] != handle.d_model or self.model_hash != handle.model_hash:
+            raise MechcliffError(
+                f"this probe was trained on model '{self.model_id}' (weights {self.model_hash}, d_model "
+                f"{self.w.shape[0]}), not on '{handle.model_id}' (weights {handle.model_hash}, d_model "
+                f"{handle.d_model}); train a probe on this model"
+            )
+        handle.check_layer(self.layer)
+
+    def save(self, path: str | Path) -> Path:
+        """``path/probe.json`` (metadata, metrics, provenance) + ``path/probe.safetensors`` (w)."""
+        from safetensors.numpy import save as st_save
+
+        from mechcliff.data import atomic_write_bytes, atomic_write_text
+        from mechcliff.results import _jsonable
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {k: _jsonable(v) for k, v in dataclasses.asdict(self).items() if k != "w"}
+        atomic_write_bytes(path / "probe.safetensors", st_save({"w": np.asarray(self.w, dtype=np.float64)}))
+        atomic_write_text(path / "probe.json", json.dumps({"kind": "linear_probe", "format_version": 1, **meta}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, handle: Any = None) -> "LinearProbe":
+        """Load a saved probe; with ``handle``, check that it belongs to that model."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not (path / "probe.json").exists():
+            raise MechcliffError(f"{path} is not a saved probe (no probe.json)")
+        meta = json.loads((path / "probe.json").read_text())
+        meta.pop("kind", None)
+        meta.pop("format_version", None)
+        probe = cls(w=load_file(str(path / "probe.safetensors"))["w"], **meta)
+        if handle is not None:
+            probe.check_model(handle)
+        return probe
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        m = self.metrics
+        return [("model", self.model_id), ("layer", str(self.layer)), ("position", self.position),
+                ("labels", self.label_source), ("val accuracy", f"{m.get('val_accuracy', float('nan')):.3f}"),
+                ("val AUROC", f"{m.get('val_auroc', float('nan')):.3f}")]
+
+    def _repr_html_(self) -> str:
+        from mechcliff.report import html_table
+
+        return "<b>LinearProbe</b>" + html_table(["field", "value"], [list(r) for r in self.summary_rows()])
+
+
+def _fit_one(x_tr: np.ndarray, y_tr: np.ndarray, C: float, seed: int) -> tuple[np.ndarray, float]:
+    """L2 logistic regression on centred features scaled by ONE global factor (their RMS).
+
+    Per-feature standardisation is deliberately avoided: it would inflate low-variance noise directions to the
+    same footing as the refusal signal; an isotropic scale keeps the geometry of the residual stream.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x_tr = x_tr.astype(np.float64)
+    mu = x_tr.mean(0)
+    scale = float(np.sqrt(((x_tr - mu) ** 2).sum(1).mean())) or 1.0
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000, random_state=seed)
+    clf.fit((x_tr - mu) / scale, y_tr)
+    w = clf.coef_[0] / scale
+    b = float(clf.intercept_[0] - w @ mu)
+    return w, b
+
+
+def _metrics(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import roc_auc_score
+
+    acc = float(((scores >= 0.5).astype(int) == y).mean())
+    auroc = float(roc_auc_score(y, scores)) if len(set(y.tolist())) == 2 else float("nan")
+    return acc, auroc
+
+
+def fit_probe(
+    handle: Any,
+    batch: EncodedBatch,
+    labels: Sequence[int],
+    *,
+    layer: "int | str" = "best",
+    position: Any = "think_end",
+    val_fraction: float = 0.25,
+    C: float = 1.0,
+    seed: int = 0,
+    label_source: str = "behaviour",
+    batch_size: int = 16,
+    provenance: dict[str, Any] | None = None,
+) -> LinearProbe:
+    """Fit the refusal probe. ``layer="best"`` sweeps every layer (one forward pass per batch for all layers)."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(labels, dtype=int)
+    if len(y) != len(batch):
+        raise MechcliffError(f"{len(y)} labels for {len(batch)} examples")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise MechcliffError(
+            f"the probe needs two classes, but every one of the {len(y)} examples has label {classes[0] if len(classes) else '?'}"
+            " (e.g. the model refused everything or nothing); use dataset labels (harmful vs harmless) instead"
+        )
+    if counts.min() < 4:
+        raise MechcliffError(f"the probe needs at least 4 examples of each class, got {dict(zip(classes.tolist(), counts.tolist()))}")
+    layers = list(range(handle.n_layers)) if layer == "best" else [handle.check_layer(int(layer))]
+    feats = collect_residuals(handle, batch, layers, position, batch_size)
+    keep = ~np.isnan(feats[:, 0, 0])
+    if keep.sum() < len(y):
+        feats, y_used = feats[keep], y[keep]
+    else:
+        y_used = y
+    idx = np.arange(len(y_used))
+    tr, va = train_test_split(idx, test_size=val_fraction, stratify=y_used, random_state=seed)
+    by_layer = []
+    fitted = {}
+    for j, l in enumerate(layers):
+        w, b = _fit_one(feats[tr, j], y_used[tr], C, seed)
+        s_va = 1.0 / (1.0 + np.exp(-(feats[va, j].astype(np.float64) @ w + b)))
+        s_tr = 1.0 / (1.0 + np.exp(-(feats[tr, j].astype(np.float64) @ w + b)))
+        acc, auroc = _metrics(s_va, y_used[va])
+        tr_acc, _ = _metrics(s_tr, y_used[tr])
+        by_layer.append({"layer": l, "val_accuracy": acc, "val_auroc": auroc, "train_accuracy": tr_acc})
+        fitted[l] = (w, b)
+    best = max(by_layer, key=lambda r: (r["val_accuracy"], np.nan_to_num(r["val_auroc"]), r["layer"]))
+    w, b = fitted[best["layer"]]
+    from mechcliff.data import content_hash
+
+    return LinearProbe(
+        w=w, b=b, layer=best["layer"], position=position if isinstance(position, str) else "custom",
+        model_id=handle.model_id, model_hash=handle.model_hash, label_source=label_source,
+        metrics={"val_accuracy": best["val_accuracy"], "val_auroc": best["val_auroc"],
+                 "train_accuracy": best["train_accuracy"], "n_train": int(len(tr)), "n_val": int(len(va)),
+                 "n_skipped_missing_position": int((~keep).sum()), "by_layer": by_layer},
+        provenance={"seed": seed, "C": C, "val_fraction": val_fraction,
+                    "data_hash": content_hash([batch.row(i) for i in range(len(batch))] + [y.tolist()]),
+                    **(provenance or {})},
+    )
