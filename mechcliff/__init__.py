@@ -36,6 +36,8 @@ _EXPORTS = {
     "HeadAttribution": "mechcliff.attribution",
     "trace_positions": "mechcliff.attribution",
     "intervene": "mechcliff.interventions",
+    "head_label": "mechcliff.interventions",
+    "parse_head": "mechcliff.interventions",
     "mean_head_outputs": "mechcliff.interventions",
     "get_judge": "mechcliff.judges",
     "ablation_experiment": "mechcliff.asr",

@@ -21,7 +21,13 @@ from mechcliff.stats import Rate, rate_by_category
 
 
 def refusal_flags(rollouts: Sequence[Rollout], judge: Any) -> list[bool]:
-    """Judge each rollout's final answer (never its thinking)."""
+    """Judge each rollout: phrase judges read the final answer only (never the thinking); the probe judge reads
+    the model's refusal intention at ``think_end`` of prompt + thinking + answer."""
+    from mechcliff.judges import ProbeJudge
+
+    if isinstance(judge, ProbeJudge):
+        return list(judge.judge_many([r.prompt for r in rollouts], [r.thinking for r in rollouts],
+                                     [r.response for r in rollouts]))
     return list(judge.judge_many([r.response for r in rollouts]))
 
 
@@ -34,14 +40,14 @@ def asr_of(rollouts: Sequence[Rollout], judge: Any) -> dict[str, Any]:
                                               rate_by_category(complied, [r.category for r in rollouts]).items()}}
 
 
-def probe_judge(handle: Any, probe: Any, threshold: float = 0.5, batch_size: int = 16):
+def probe_judge(handle: Any, probe: Any, threshold: float = 0.5, batch_size: int = 16, enable_thinking: bool = True):
     """A :class:`~mechcliff.judges.ProbeJudge` reading the model's own refusal intention at ``think_end``."""
     from mechcliff.chat import encode
     from mechcliff.judges import ProbeJudge
     from mechcliff.probe import collect_residuals
 
     def score(prompts: list[str], thinkings: list[str | None], responses: list[str]) -> list[float]:
-        batch = encode(handle, prompts, thinking=thinkings, answers=responses)
+        batch = encode(handle, prompts, thinking=thinkings, answers=responses, enable_thinking=enable_thinking)
         x = collect_residuals(handle, batch, [probe.layer], probe.position, batch_size)[:, 0]
         return [float(v) for v in probe.score(x)]
 
@@ -78,6 +84,13 @@ class AblationResult(Result):
         return asr_bars([c for c, _ in conds], [r["rate"] for _, r in conds], [r["low"] for _, r in conds],
                         [r["high"] for _, r in conds],
                         title=f"Attack success rate, heads {self.mode} (γ={self.gamma:g})")
+
+    TABLE_HEADER: ClassVar[tuple[str, ...]] = ("condition", "ASR", "95% low", "95% high", "harmless refusal")
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.table_rows(), columns=list(self.TABLE_HEADER))
 
     def table_rows(self) -> list[list[object]]:
         rows = [["before", self.asr_before["rate"], self.asr_before["low"], self.asr_before["high"],
@@ -120,28 +133,36 @@ def ablation_experiment(
     """Generate under the intervention and under random same-size controls; judge the answers."""
     from mechcliff.generation import generate_rollouts
 
+    from mechcliff.errors import MechcliffError
+
     gen = dict(generation or {})
     gen.setdefault("progress", progress)
     parsed = [parse_head(h) for h in heads]
+    for name, items in (("attack_prompts", attack_prompts), ("harmless_prompts", harmless_prompts)):
+        if not items:
+            raise MechcliffError(f"{name} is empty")
+        if not all(isinstance(p, (Prompt, str)) for p in items):
+            raise MechcliffError(f"{name} must be Prompt objects or strings (rollouts go in before=)")
+    if before is not None and not all(isinstance(r, Rollout) for part in before for r in part):
+        raise MechcliffError("before= must be a pair (attack rollouts, harmless rollouts) of Rollout objects")
+    pj = probe_judge(handle, probe, enable_thinking=gen.get("enable_thinking", True)) if probe is not None else None
     if before is None:
         before = (generate_rollouts(handle, list(attack_prompts), desc="attack, before", **gen),
                   generate_rollouts(handle, list(harmless_prompts), desc="harmless, before", **gen))
+    probe_before = probe_after = None
+    if pj is not None:  # the probe reads the unmodified model before, and the intervened model after
+        probe_before = 1.0 - float(np.mean(refusal_flags(before[0], pj)))
     with intervene(handle, parsed, mode=mode, gamma=gamma):
         att_after = generate_rollouts(handle, list(attack_prompts), desc="attack, ablated", **gen)
         harmless_after = generate_rollouts(handle, list(harmless_prompts), desc="harmless, ablated", **gen)
+        if pj is not None:
+            probe_after = 1.0 - float(np.mean(refusal_flags(att_after, pj)))
     sets = random_head_sets(handle, len(parsed), n_random, seed, exclude=parsed)
     random_rates = []
     for i, hs in enumerate(sets):
         with intervene(handle, hs, mode=mode, gamma=gamma):
             rolls = generate_rollouts(handle, list(attack_prompts), desc=f"attack, random set {i}", **gen)
         random_rates.append(asr_of(rolls, judge))
-    probe_before = probe_after = None
-    if probe is not None:
-        pj = probe_judge(handle, probe)
-        for rolls, slot in ((before[0], "b"), (att_after, "a")):
-            flags = pj.judge_many([r.prompt for r in rolls], [r.thinking for r in rolls], [r.response for r in rolls])
-            val = 1.0 - float(np.mean(flags))
-            probe_before, probe_after = (val, probe_after) if slot == "b" else (probe_before, val)
     judge_name = getattr(judge, "name", "judge")
     return AblationResult(
         heads=[head_label(h) for h in parsed], mode=mode, gamma=float(gamma), judge=judge_name,

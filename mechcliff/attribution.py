@@ -161,6 +161,13 @@ def direct_probe_attribution(
 
 def trace_positions(trace: Any, batch: EncodedBatch, key: str = "t_cliff") -> torch.Tensor:
     """Per-example padded positions of ``t_cliff`` (from a trace made on ``batch``); ``-1`` where undefined."""
+    from mechcliff.errors import MechcliffError
+
+    if len(trace) != len(batch):
+        raise MechcliffError(
+            f"the trace has {len(trace)} examples but the batch {len(batch)}: trace the same batch "
+            "(or use trace.select(group) with a batch of that group)"
+        )
     out = []
     for i in range(len(batch)):
         t = int(trace.stats[key][i])

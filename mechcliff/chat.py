@@ -32,6 +32,7 @@ from mechcliff.errors import MechcliffError
 
 ANCHORS = ("think_end", "think_close", "prompt_end", "answer_start", "last")
 SEGMENTS = ("prefix", "prompt", "thinking", "closing", "answer")
+PLACEHOLDER = "\u2063MECHCLIFF_PROMPT\u2063"
 
 
 @dataclass
@@ -163,13 +164,17 @@ def encode(
         if not isinstance(prompt, str) or not prompt.strip():
             raise MechcliffError(f"prompt {i} is empty or not a string")
         prefix_text = render_prompt(tok, prompt, enable_thinking=enable_thinking, system=system)
+        # Locate the prompt by rendering a unique placeholder in its place (the text may recur in the template).
+        marked = render_prompt(tok, PLACEHOLDER, enable_thinking=enable_thinking, system=system)
+        c0 = marked.find(PLACEHOLDER)
+        if c0 < 0 or prefix_text[c0:c0 + len(prompt)] != prompt:
+            c0 = prefix_text.rfind(prompt)
         enc = tok(prefix_text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         offsets = list(enc["offset_mapping"])
         fixed = _ensure_one_bos(tok, ids)
         shift = len(fixed) - len(ids)
         ids = fixed
-        c0 = prefix_text.rfind(prompt)
         p_tokens = [j + shift for j, (s, e) in enumerate(offsets) if e > s and c0 <= s < c0 + len(prompt)]
         prompt_span = (min(p_tokens), max(p_tokens) + 1) if p_tokens and c0 >= 0 else (0, 0)
         sp: dict[str, tuple[int, int]] = {"prefix": (0, len(ids)), "prompt": prompt_span}

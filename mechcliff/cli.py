@@ -41,14 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def fmt(value: object, digits: int = 2) -> str:
+    """A number for people: ``n/a`` for undefined (None / NaN) values."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
 def _run(args: argparse.Namespace) -> int:
     from mechcliff.pipeline import RunConfig, default_config, run_pipeline
 
-    overrides = {"model": args.model, "seed": args.seed, "n_per_group": args.n_per_group}
+    overrides = {"model": args.model, "seed": args.seed, "n_per_group": args.n_per_group,
+                 "quick": True if args.quick else None}
     if args.config:
         cfg = RunConfig.from_file(args.config, **overrides)
-        if args.quick:
-            cfg.quick = True
     else:
         cfg = default_config(args.model or "organism", quick=args.quick)
         for k, v in overrides.items():
@@ -58,10 +64,10 @@ def _run(args: argparse.Namespace) -> int:
     results = run_pipeline(cfg.model, args.out, config=cfg, progress=not args.no_progress)
     out = Path(args.out)
     ab = results["ablation"]
-    print(f"probe: layer {results['probe']['layer']}, val accuracy {results['probe']['val_accuracy']:.3f}")
+    print(f"probe: layer {results['probe']['layer']}, val accuracy {fmt(results['probe']['val_accuracy'], 3)}")
     print(f"top suppression heads: {', '.join(results['attribution']['top_suppression_heads'][:5])}")
-    print(f"ASR before {ab['asr_before']:.2f}, after ablating {len(ab['heads'])} heads {ab['asr_after']:.2f}, "
-          f"random heads {ab['asr_random_heads']:.2f}")
+    print(f"ASR before {fmt(ab['asr_before'])}, after ablating {len(ab['heads'])} heads {fmt(ab['asr_after'])}, "
+          f"random heads {fmt(ab['asr_random_heads'])}")
     print(f"results: {out / 'results.json'}")
     print(f"report:  {(out / 'report.html').resolve()}")
     return 0

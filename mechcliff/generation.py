@@ -35,7 +35,8 @@ def _eos_ids(tok) -> list[int]:
     return ids
 
 
-def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[int], stop_strings: list[str] | None):
+def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[int], stop_strings: list[str] | None,
+              seed: int = 0):
     kwargs = dict(
         attention_mask=batch.attention_mask, max_new_tokens=max_new, eos_token_id=stop_ids,
         pad_token_id=handle.tokenizer.pad_token_id, do_sample=temperature > 0,
@@ -46,7 +47,8 @@ def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[in
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=handle.tokenizer)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded per batch; the caller's RNG is untouched
+        torch.manual_seed(seed)
         out = handle.hf_model.generate(batch.tokens.to(handle.device), **kwargs)
     return out[:, batch.tokens.shape[1]:].cpu()
 
@@ -90,20 +92,20 @@ def generate_rollouts(
     out: list[Rollout | None] = [None] * len(items)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for bi, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        torch.manual_seed(seed * 100003 + bi)
+        batch_seed = seed * 100003 + bi
         texts = [items[i].text for i in idx]
         thinks: list[str | None] = [None] * len(idx)
         closed_by_model = [False] * len(idx)
         if enable_thinking and max_think_tokens > 0:
             batch = encode(handle, texts, enable_thinking=True, system=system, open_thinking=True)
-            new = _generate(handle, batch, max_think_tokens, temperature, think_stop, think_strings)
+            new = _generate(handle, batch, max_think_tokens, temperature, think_stop, think_strings, batch_seed)
             for j in range(len(idx)):
                 text, _ = _decode(tok, new[j], eos)
                 if fmt.close_tag in text:
                     text, closed_by_model[j] = text.split(fmt.close_tag, 1)[0], True
                 thinks[j] = text.replace(fmt.open_tag, "").strip()
         batch = encode(handle, texts, thinking=thinks, enable_thinking=enable_thinking, system=system)
-        new = _generate(handle, batch, max_answer_tokens, temperature, eos, None)
+        new = _generate(handle, batch, max_answer_tokens, temperature, eos, None, batch_seed + 1)
         for j, i in enumerate(idx):
             answer, ended = _decode(tok, new[j], eos)
             p = items[i]

@@ -10,8 +10,9 @@ Modes (each names the paper it matches):
 * ``scale_q``: multiply the head's query by ``gamma`` (default 1e-5): "undifferentiated attention" of Ships
   (arXiv 2410.13708, §4.1): attention becomes uniform over the visible keys.
 * ``norm_preserving``: the RefusalCliff code's γ-scaling (arXiv 2510.06036): scale the heads' ``z`` by ``gamma``,
-  then rescale the layer's whole attention output ``Z`` (all heads, batch × positions, Frobenius norm, per forward
-  call) back to its norm before scaling.
+  then rescale the layer's attention output ``Z`` (all heads) back to its norm before scaling. The authors' code
+  takes one norm over batch × positions × heads; we take it per example and position (over heads), so that results
+  do not depend on batch-mates or padding.
 
 Usage::
 
@@ -112,12 +113,19 @@ def intervene(
         elif mode == "mean":
             hooks.append((f"blocks.{layer}.attn.hook_z", _mean_hook(idx, torch.as_tensor(mean_z)[layer])))
         elif mode == "scale_q":
-            hooks.append((f"blocks.{layer}.attn.hook_q", _scale_hook(idx, g)))
+            hooks.append((_query_hook_name(handle, layer), _scale_hook(idx, g)))
         else:
             hooks.append((f"blocks.{layer}.attn.hook_z", _norm_preserving_hook(idx, g)))
     spec = HeadIntervention(heads=parsed, mode=mode, gamma=g, mean_z=mean_z)
     with handle.bridge.hooks(fwd_hooks=hooks):
         yield spec
+
+
+def _query_hook_name(handle: Any, layer: int) -> str:
+    """The last hook on the queries before the scores: after rotary (and after Qwen3/Gemma3 query norms, which
+    would undo a scaling applied before them); plain ``hook_q`` where the architecture has no rotary hook."""
+    name = f"blocks.{layer}.attn.hook_rot_q"
+    return name if name in handle.bridge.hook_dict else f"blocks.{layer}.attn.hook_q"
 
 
 def _scale_hook(idx: torch.Tensor, gamma: float):
@@ -139,12 +147,15 @@ def _mean_hook(idx: torch.Tensor, mean: torch.Tensor):
 
 
 def _norm_preserving_hook(idx: torch.Tensor, gamma: float):
+    # The RefusalCliff code restores one Frobenius norm over the whole [batch, pos, heads] tensor, which makes an
+    # example's output depend on its batch-mates, on padding and on prefill vs cached steps. We restore the norm
+    # over heads per example and position: the same rescaling idea, but batch-invariant.
     def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
-        before = z.norm()
+        before = z.norm(dim=(-2, -1), keepdim=True)
         z = z.clone()
         z[:, :, idx] = z[:, :, idx] * gamma
-        after = z.norm()
-        return z * (before / after) if after > 0 else z
+        after = z.norm(dim=(-2, -1), keepdim=True)
+        return torch.where(after > 0, z * (before / after.clamp_min(1e-30)), z)
 
     return hook
 

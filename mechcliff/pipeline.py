@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -53,38 +53,88 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "RunConfig":
+        """Read a JSON or TOML config. Options not in the file keep the per-model defaults of
+        :func:`default_config`; relative prompt paths are resolved from the config file's folder."""
         path = Path(path)
         if not path.exists():
             raise MechcliffError(f"config file not found: {path}")
         text = path.read_text()
         try:
             if path.suffix == ".toml":
-                import tomllib
-
+                try:
+                    import tomllib
+                except ModuleNotFoundError:
+                    raise MechcliffError(f"{path}: TOML configs need Python >= 3.11; write the config as JSON") from None
                 data = tomllib.loads(text)
             else:
                 data = json.loads(text)
+        except MechcliffError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
             raise MechcliffError(f"cannot parse config {path}: {exc}") from None
-        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+        if not isinstance(data, dict):
+            raise MechcliffError(f"{path}: a config must be a mapping of options, not {type(data).__name__}")
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        if isinstance(data.get("prompts"), dict):
+            data["prompts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
+                               for g, f in data["prompts"].items()}
+        return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        """Per-model defaults (:func:`default_config`) overridden by ``data``; unknown or mistyped options are errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise MechcliffError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        cfg = cls(**data)
-        cfg.validate()
+        model = data.get("model", "organism")
+        if not isinstance(model, str):
+            raise MechcliffError(f"{source}: option 'model' must be a string, got {model!r}")
+        cfg = default_config(model, quick=bool(data.get("quick", False)))
+        for k, v in data.items():
+            setattr(cfg, k, v)
+        cfg.validate(source)
         return cfg
 
-    def validate(self) -> None:
-        if self.label_source not in ("auto", "behaviour", "dataset"):
-            raise MechcliffError(f"label_source must be auto, behaviour or dataset, not {self.label_source!r}")
+    _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
+        "model": (str,), "n_per_group": (int, type(None)), "label_source": (str,), "probe_layer": (int, str),
+        "position": (str,), "plateau": (str,), "max_think_tokens": (int,), "max_answer_tokens": (int,),
+        "temperature": (int, float), "batch_size": (int,), "seed": (int,), "enable_thinking": (bool,),
+        "ablation_top_k": (int, type(None)), "ablation_mode": (str,), "ablation_gamma": (int, float),
+        "n_random_sets": (int,), "quick": (bool,), "prompts": (dict,),
+    }
+
+    def validate(self, source: str = "config") -> None:
+        """Check every option's type and allowed values; raise :class:`MechcliffError` naming the option."""
+        from mechcliff.chat import ANCHORS
+        from mechcliff.interventions import MODES
+
+        for name, types in self._TYPES.items():
+            v = getattr(self, name)
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise MechcliffError(f"{source}: option '{name}' must be {want}, got {v!r}")
+        choices = {"label_source": ("auto", "behaviour", "dataset"), "plateau": ("mean", "max"),
+                   "ablation_mode": MODES, "position": ANCHORS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MechcliffError(f"{source}: option '{name}' must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if isinstance(self.probe_layer, str) and self.probe_layer != "best":
+            raise MechcliffError(f"{source}: option 'probe_layer' must be an integer or 'best', not {self.probe_layer!r}")
         if not math.isfinite(float(self.ablation_gamma)):
-            raise MechcliffError(f"ablation_gamma must be finite, got {self.ablation_gamma!r}")
-        if self.n_per_group is not None and self.n_per_group < 1:
-            raise MechcliffError("n_per_group must be at least 1")
+            raise MechcliffError(f"{source}: option 'ablation_gamma' must be finite, got {self.ablation_gamma!r}")
+        if not math.isfinite(float(self.temperature)) or self.temperature < 0:
+            raise MechcliffError(f"{source}: option 'temperature' must be a finite number >= 0")
+        for name in ("n_per_group", "batch_size", "ablation_top_k"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise MechcliffError(f"{source}: option '{name}' must be at least 1, got {v}")
+        for name in ("max_think_tokens", "max_answer_tokens", "n_random_sets"):
+            if getattr(self, name) < 0:
+                raise MechcliffError(f"{source}: option '{name}' must be >= 0")
+        for g, f in self.prompts.items():
+            if not isinstance(f, str):
+                raise MechcliffError(f"{source}: prompts.{g} must be a file path (or \"\" for the built-in set)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,12 +145,13 @@ class RunConfig:
 
 
 def default_config(model: str, quick: bool = False) -> RunConfig:
-    """Defaults per model: the organism ablates 3 heads (its 32 heads make 3% a single head)."""
+    """Defaults per model: the organism ablates 3 heads (its 32 heads make 3% a single head); ``quick`` on a real
+    model uses 32 prompts per group, shorter generations and 2 random-head sets."""
     cfg = RunConfig(model=model, quick=quick)
     if model == "organism":
         cfg.ablation_top_k = 3
-    if quick and model != "organism":
-        cfg.n_per_group = 32
+    elif quick:
+        cfg.n_per_group, cfg.max_think_tokens, cfg.max_answer_tokens, cfg.n_random_sets = 32, 32, 24, 2
     return cfg
 
 
@@ -128,15 +179,31 @@ class Run:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.progress = progress
         self.handle: Any = None
+        self.prompts_hash = ""
         if self.dir.exists() and not self.dir.is_dir():
             raise MechcliffError(f"--out {self.dir} exists and is not a folder")
-        manifest = self.dir / "manifest.json"
-        if manifest.exists():
-            old = json.loads(manifest.read_text()).get("config", {}).get("model")
-            if old is not None and old != config.model:
+        old = self._old_manifest()
+        finished = list((self.dir / "stages").glob("*.done")) if (self.dir / "stages").is_dir() else []
+        if old is not None:
+            if "mechcliff_run" not in old:
+                raise MechcliffError(f"{self.dir / 'manifest.json'} is not a mechcliff run manifest; choose another --out")
+            prev = old.get("config", {}).get("model")
+            if prev is not None and prev != config.model and finished:
                 raise MechcliffError(
-                    f"{self.dir} already holds a run of model '{old}'; choose another --out for '{config.model}'"
+                    f"{self.dir} already holds a run of model '{prev}'; choose another --out for '{config.model}'"
                 )
+
+    def _old_manifest(self) -> dict[str, Any] | None:
+        path = self.dir / "manifest.json"
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise MechcliffError(f"cannot read {path} ({exc}); choose another --out or remove the file") from None
+        if not isinstance(doc, dict):
+            raise MechcliffError(f"{path} is not a mechcliff run manifest; choose another --out")
+        return doc
 
     # ---- stage bookkeeping ----
     STAGE_FIELDS = {
@@ -149,10 +216,11 @@ class Run:
     }
 
     def _hash(self, stage: str) -> str:
+        """Hash of what ``stage`` depends on: the config fields of it and every earlier stage, and the prompts."""
         fields: list[str] = []
         for s in self.STAGES[: self.STAGES.index(stage) + 1]:
             fields += self.STAGE_FIELDS[s]
-        return self.cfg.stage_hash(*fields)
+        return content_hash([self.cfg.stage_hash(*fields), self.prompts_hash])
 
     def _done(self, stage: str) -> bool:
         marker = self.dir / "stages" / f"{stage}.done"
@@ -205,6 +273,7 @@ class Run:
         t_start = time.time()
         judge = get_judge("refusal")
         groups = self.prompt_groups()
+        self.prompts_hash = content_hash([[g, [p.text for p in ps]] for g, ps in groups.items()])
         self._write_manifest(groups, status="running")
 
         # 1. rollouts
@@ -297,7 +366,9 @@ class Run:
             self._finish("ablation", time.time() - t)
         ablation = AblationResult.load(self.dir / "ablation")
 
-        results = self._results(probe, trace, dpa, ablation, attack)
+        from mechcliff.results import _jsonable
+
+        results = _jsonable(self._results(probe, trace, dpa, ablation, attack))  # NaN (undefined) -> null
         atomic_write_text(self.dir / "results.json", json.dumps(results, indent=1, allow_nan=False))
         from mechcliff.report_run import write_run_report
 
@@ -376,7 +447,7 @@ class Run:
 
     def _write_manifest(self, groups: dict[str, list[Prompt]], status: str, seconds: float | None = None) -> None:
         path = self.dir / "manifest.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
+        old = self._old_manifest() or {}
         h = self.handle
         manifest = {
             "mechcliff_run": 1,

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from mechcliff.cli import fmt
 from mechcliff.data import atomic_write_text
 from mechcliff.interventions import parse_head
 
@@ -19,19 +20,22 @@ def run_figures(results: dict[str, Any], probe: Any, trace: Any, dpa: Any, ablat
     by_layer = probe.metrics["by_layer"]
     planted = list(ground_truth.planted_suppression_heads) if ground_truth is not None else None
     g = np.asarray(trace.groups)
-    return {
+    ms = np.asarray(trace.stats["ms"], dtype=float)
+    figs = {
         "cliff_curves": cliff_curves(trace.curves()),
         "cliff_curves_normalized": cliff_curves(
             {grp: trace.normalized_curve(grp) for grp in trace.group_names()},
             title="Refusal intention over the thinking (normalised position)",
             x_title="position from thinking start (0) to the last closing token (1)"),
-        "ms_histogram": cliff_histogram({grp: np.asarray(trace.stats["ms"], dtype=float)[g == grp] for grp in trace.group_names()}),
         "attribution_heatmap": dpa.plot(highlight=planted,
                                         title=f"Direct probe attribution at t_cliff ({results['attribution']['group']})"),
         "probe_by_layer": probe_by_layer([r["layer"] for r in by_layer], [r["val_accuracy"] for r in by_layer],
                                          [r["val_auroc"] for r in by_layer], chosen_layer=probe.layer),
         "asr": ablation.plot(),
     }
+    if np.isfinite(ms).any():  # MS is undefined without thinking (e.g. thinking-off runs)
+        figs["ms_histogram"] = cliff_histogram({grp: ms[g == grp] for grp in trace.group_names()})
+    return figs
 
 
 def write_run_report(run_dir: str | Path, *, results: dict[str, Any], probe: Any, trace: Any, dpa: Any, ablation: Any,
@@ -47,12 +51,12 @@ def write_run_report(run_dir: str | Path, *, results: dict[str, Any], probe: Any
     att = results["attribution"]
     summary = [
         ("model", str(results["model"])),
-        ("probe", f"layer {probe.layer}, {probe.label_source} labels, val accuracy {probe.metrics['val_accuracy']:.3f}, "
-                  f"AUROC {probe.metrics['val_auroc']:.3f}"),
+        ("probe", f"layer {probe.layer}, {probe.label_source} labels, val accuracy {fmt(probe.metrics['val_accuracy'], 3)}, "
+                  f"AUROC {fmt(probe.metrics['val_auroc'], 3)}"),
         ("top suppression heads", ", ".join(att["top_suppression_heads"][:5])),
         ("DPA exact", f"{att['exact']} (max |Σ components − logit| = {att['exact_max_abs_error']:.2e})"),
-        ("ASR before / after / random heads", f"{ab['asr_before']:.2f} / {ab['asr_after']:.2f} / {ab['asr_random_heads']:.2f}"),
-        ("harmless refusal before / after", f"{ab['harmless_refusal_before']:.2f} / {ab['harmless_refusal_after']:.2f}"),
+        ("ASR before / after / random heads", f"{fmt(ab['asr_before'])} / {fmt(ab['asr_after'])} / {fmt(ab['asr_random_heads'])}"),
+        ("harmless refusal before / after", f"{fmt(ab['harmless_refusal_before'])} / {fmt(ab['harmless_refusal_after'])}"),
     ]
     if "organism" in results:
         summary.append(("planted heads (ground truth)", ", ".join(results["organism"]["planted_suppression_heads"])
@@ -69,13 +73,14 @@ def write_run_report(run_dir: str | Path, *, results: dict[str, Any], probe: Any
         ("Refusal intention around the end of thinking", figs["cliff_curves"]),
         ("Cliff statistics per group", cliff_table),
         ("Refusal intention over the thinking (normalised position)", figs["cliff_curves_normalized"]),
-        ("Misalignment score per example", figs["ms_histogram"]),
         ("Direct probe attribution (layer × head)", figs["attribution_heatmap"]),
         ("Strongest refusal-suppression heads", head_table),
         ("Attack success rate: before, after ablation, random heads", figs["asr"]),
         ("ASR table", asr_table),
         ("Probe accuracy by layer", figs["probe_by_layer"]),
     ]
+    if "ms_histogram" in figs:
+        sections.insert(3, ("Misalignment score per example", figs["ms_histogram"]))
     notes = [
         "Probe score: sigmoid(w · resid_post[layer] + b), logistic regression (scikit-learn).",
         f"MS = plateau ({trace.plateau} over thinking tokens) − final score at the last closing-template token; "

@@ -101,6 +101,10 @@ class Result:
         rows += [(k, f"array {tuple(a.shape)}") for k, a in arrays.items()]
         return rows
 
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v}" for k, v in self.summary_rows())
+        return f"{type(self).__name__}({body})"
+
     def _repr_html_(self) -> str:
         from mechcliff.report import html_table
 

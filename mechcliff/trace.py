@@ -90,6 +90,10 @@ class RefusalTrace(Result):
     plateau: str = "mean"
     model_id: str = ""
 
+    def __post_init__(self) -> None:
+        # JSON has no NaN: saved undefined statistics come back as None; restore them as NaN.
+        self.stats = {k: [float("nan") if v is None else v for v in vals] for k, vals in self.stats.items()}
+
     def __len__(self) -> int:
         return len(self.groups)
 
@@ -98,6 +102,27 @@ class RefusalTrace(Result):
 
     def group_names(self) -> list[str]:
         return list(dict.fromkeys(self.groups))
+
+    def select(self, group: str) -> "RefusalTrace":
+        """The examples of one group, as a new trace (same order)."""
+        from mechcliff.errors import MechcliffError
+
+        idx = [i for i, g in enumerate(self.groups) if g == group]
+        if not idx:
+            raise MechcliffError(f"no examples of group {group!r}; groups: {', '.join(self.group_names())}")
+        parts = [self.example(i) for i in idx]
+        return dataclasses.replace(
+            self, scores_flat=np.concatenate(parts), offsets=np.concatenate([[0], np.cumsum([len(p) for p in parts])]),
+            thinking_start=self.thinking_start[idx], thinking_end=self.thinking_end[idx], think_end=self.think_end[idx],
+            answer_start=self.answer_start[idx], groups=[self.groups[i] for i in idx], ids=[self.ids[i] for i in idx],
+            stats={k: [v[i] for i in idx] for k, v in self.stats.items()},
+        )
+
+    def stats_table(self):
+        """Per-group means of the cliff statistics as a DataFrame (one row per group)."""
+        import pandas as pd
+
+        return pd.DataFrame.from_dict(self.group_stats(), orient="index")
 
     def group_stats(self) -> dict[str, dict[str, float]]:
         """Mean of each statistic per group (NaNs ignored), with ``n``."""

@@ -90,6 +90,11 @@ class ModelHandle:
             )
         return layer % self.n_layers
 
+    @property
+    def ground_truth(self) -> Any:
+        """The organism's planted circuit (:class:`~mechcliff.model.organism.OrganismGroundTruth`), else None."""
+        return self.extra.get("ground_truth")
+
     def head_labels(self) -> list[str]:
         return [f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads)]
 

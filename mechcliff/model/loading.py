@@ -91,8 +91,8 @@ def convert_gguf(path: Path, *, log: Any = None) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise MechcliffError(f"cannot load GGUF file {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unsupported file can fail anywhere in the reader
+        raise MechcliffError(f"cannot load GGUF file {path}: {type(exc).__name__}: {exc}") from None
     hf.hf_quantizer = None
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config

@@ -147,6 +147,11 @@ class OrganismGroundTruth:
     frame_words: tuple[str, ...] = tuple(FRAME_WORDS)
     refusal_direction: int = R
 
+    @property
+    def planted_labels(self) -> list[str]:
+        """The planted heads as labels like ``"L1H3"`` (the format of ``HeadAttribution.top``)."""
+        return [f"L{l}H{h}" for l, h in self.planted_suppression_heads]
+
 
 def build_organism(seed: int = 0):
     """Build the organism: returns ``(hf_model, tokenizer, ground_truth)``. Deterministic from ``seed``."""

