@@ -123,7 +123,8 @@ def test_norm_preserving_keeps_layer_norm(organism, batch):
     torch.testing.assert_close(z.norm(dim=(-2, -1)), base.norm(dim=(-2, -1)), rtol=1e-5, atol=1e-6)
     # the other heads are scaled up uniformly, per position, to make up for the removed ones
     others = [h for h in range(z.shape[2]) if h not in (3, 6)]
-    ratio = z[:, :, others].norm(dim=(-2, -1)) / base[:, :, others].norm(dim=(-2, -1))
+    live = base[:, :, others].norm(dim=(-2, -1)) > 0  # padding positions have z = 0 everywhere
+    ratio = torch.where(live, z[:, :, others].norm(dim=(-2, -1)) / base[:, :, others].norm(dim=(-2, -1)), 1.0)
     assert (ratio >= 1.0 - 1e-6).all() and (ratio > 1.0 + 1e-3).any()
     torch.testing.assert_close(z[:, :, 0], base[:, :, 0] * ratio[..., None], rtol=1e-5, atol=1e-6)
 
