@@ -123,6 +123,10 @@ class Rollout:
         has_close = d.get("has_think_close", True)
         if not isinstance(has_close, bool):
             raise MechcliffError("rollout field 'has_think_close' must be true or false")
+        response = d["response"]
+        if "thinking" not in d and ("</think>" in response or response.lstrip().startswith("<think>")):
+            # A raw generation: split it here; an unclosed thinking is kept and marked, never mis-segmented.
+            thinking, response, has_close = split_thinking(response)
         meta = d.get("meta", {})
         if meta is None:
             meta = {}
@@ -133,7 +137,7 @@ class Rollout:
         return cls(
             prompt=d["prompt"],
             thinking=thinking,
-            response=d["response"],
+            response=response,
             category=_opt_str(d, "category"),
             label=_parse_label(d.get("label")),
             group=_opt_str(d, "group"),

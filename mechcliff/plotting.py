@@ -245,8 +245,11 @@ def cliff_curves(
     title: str = "Refusal intention around the end of thinking",
     x_title: str = "tokens relative to </think>",
     y_title: str = "probe refusal score",
+    marker_x: float | None = 0.0,
 ) -> go.Figure:
     """Mean probe score against token position relative to ``</think>``, one line per group.
+
+    ``marker_x`` is where the dashed ``</think>`` line goes (``None``: no line).
 
     Each value of ``curves`` is ``{"x", "mean", "low", "high", "n"}`` (equal-length arrays,
     ``n`` = examples contributing at each x). NaNs are kept and drawn as gaps. The low..high
@@ -301,12 +304,13 @@ def cliff_curves(
                 ),
             )
         )
-    fig.add_vline(
-        x=0,
-        line=dict(dash="dash", color=_REFERENCE_LINE, width=1.5),
-        annotation=dict(text="&lt;/think&gt;", font=dict(color=_REFERENCE_LINE)),
-        annotation_position="top right",
-    )
+    if marker_x is not None:
+        fig.add_vline(
+            x=marker_x,
+            line=dict(dash="dash", color=_REFERENCE_LINE, width=1.5),
+            annotation=dict(text="&lt;/think&gt;", font=dict(color=_REFERENCE_LINE)),
+            annotation_position="top left" if marker_x > 0 else "top right",
+        )
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=_text(title)),

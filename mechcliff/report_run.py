@@ -26,7 +26,7 @@ def run_figures(results: dict[str, Any], probe: Any, trace: Any, dpa: Any, ablat
         "cliff_curves_normalized": cliff_curves(
             {grp: trace.normalized_curve(grp) for grp in trace.group_names()},
             title="Refusal intention over the thinking (normalised position)",
-            x_title="position from thinking start (0) to the last closing token (1)"),
+            x_title="position from thinking start (0) to the last closing token (1)", marker_x=1.0),
         "attribution_heatmap": dpa.plot(highlight=planted,
                                         title=f"Direct probe attribution at t_cliff ({results['attribution']['group']})"),
         "probe_by_layer": probe_by_layer([r["layer"] for r in by_layer], [r["val_accuracy"] for r in by_layer],

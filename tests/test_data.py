@@ -350,3 +350,14 @@ def test_shared_prompt_files_load(name: str) -> None:
     ps = load_prompts(path, limit=50)
     assert len(ps) == 50 and all(isinstance(p.text, str) and p.text.strip() for p in ps)
     assert len(load_prompts(path)) >= 50
+
+
+def test_raw_generation_rollouts_are_split_and_unclosed_ones_marked(tmp_path):
+    p = tmp_path / "raw.jsonl"
+    p.write_text(
+        '{"prompt": "q1", "response": "<think>plan it</think>\\n\\nSure."}\n'
+        '{"prompt": "q2", "response": "<think>still thinking and never closed"}\n'
+    )
+    a, b = load_rollouts(p)
+    assert (a.thinking, a.response, a.has_think_close) == ("plan it", "Sure.", True)
+    assert b.has_think_close is False and b.response == "" and b.thinking == "still thinking and never closed"
