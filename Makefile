@@ -25,13 +25,13 @@ demo: setup
 # Everything: the fast tier (tiny models, the organism) then the integration tier (real SmolLM2 weights).
 test: setup
 	$(BIN)/pytest -q
-	$(BIN)/pytest -q -m integration
+	$(BIN)/pytest -q -m integration --durations=5
 
 test-fast: setup
 	$(BIN)/pytest -q
 
 test-integration: setup
-	$(BIN)/pytest -q -m integration
+	$(BIN)/pytest -q -m integration --durations=5
 
 bench: setup
 	$(BIN)/python scripts/bench_attribution.py

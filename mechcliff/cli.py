@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                    "or a Hugging Face id (needs network)")
     r.add_argument("--out", required=True, help="run folder to write (created if missing; resumed if present)")
     r.add_argument("--config", default=None, help="JSON or TOML file of RunConfig options (see mechcliff.pipeline)")
-    r.add_argument("--quick", action="store_true", help="fewer prompts (32 per group on real models)")
+    r.add_argument("--quick", action="store_true", help="a quick run: 40 prompts per group, shorter generations, 2 random-head sets on real models")
     r.add_argument("--seed", type=int, default=None, help="seed for generation, probe split and random heads")
     r.add_argument("--n-per-group", type=int, default=None, help="use at most this many prompts per group")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -146,12 +146,12 @@ class RunConfig:
 
 def default_config(model: str, quick: bool = False) -> RunConfig:
     """Defaults per model: the organism ablates 3 heads (its 32 heads make 3% a single head); ``quick`` on a real
-    model uses 32 prompts per group, shorter generations and 2 random-head sets."""
+    model uses 40 prompts per group, shorter generations and 2 random-head sets."""
     cfg = RunConfig(model=model, quick=quick)
     if model == "organism":
         cfg.ablation_top_k = 3
     elif quick:
-        cfg.n_per_group, cfg.max_think_tokens, cfg.max_answer_tokens, cfg.n_random_sets = 32, 32, 24, 2
+        cfg.n_per_group, cfg.max_think_tokens, cfg.max_answer_tokens, cfg.n_random_sets = 40, 32, 24, 2
     return cfg
 
 

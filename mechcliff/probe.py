@@ -140,22 +140,34 @@ class LinearProbe:
         return "<b>LinearProbe</b>" + html_table(["field", "value"], [list(r) for r in self.summary_rows()])
 
 
-def _fit_one(x_tr: np.ndarray, y_tr: np.ndarray, C: float, seed: int) -> tuple[np.ndarray, float]:
-    """L2 logistic regression on centred features scaled by ONE global factor (their RMS).
+def _fit_one(x_tr: np.ndarray, y_tr: np.ndarray, C: "float | str", seed: int) -> tuple[np.ndarray, float, float]:
+    """L2 logistic regression on centred features scaled by ONE global factor (their RMS); returns ``(w, b, C)``.
 
     Per-feature standardisation is deliberately avoided: it would inflate low-variance noise directions to the
-    same footing as the refusal signal; an isotropic scale keeps the geometry of the residual stream.
+    same footing as the refusal signal; an isotropic scale keeps the geometry of the residual stream. With
+    ``C="cv"`` the inverse regularisation strength is chosen by stratified cross-validation (log loss) on the
+    training split only, over ``CS_GRID``.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
     x_tr = x_tr.astype(np.float64)
     mu = x_tr.mean(0)
     scale = float(np.sqrt(((x_tr - mu) ** 2).sum(1).mean())) or 1.0
-    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000, random_state=seed)
-    clf.fit((x_tr - mu) / scale, y_tr)
+    xs = (x_tr - mu) / scale
+    folds = min(4, int(np.bincount(y_tr).min()))
+    if C == "cv" and folds >= 2:
+        clf = LogisticRegressionCV(Cs=CS_GRID, cv=folds, scoring="neg_log_loss", class_weight="balanced",
+                                   max_iter=5000, random_state=seed).fit(xs, y_tr)
+        chosen = float(clf.C_[0])
+    else:
+        chosen = 1.0 if C == "cv" else float(C)
+        clf = LogisticRegression(C=chosen, class_weight="balanced", max_iter=5000, random_state=seed).fit(xs, y_tr)
     w = clf.coef_[0] / scale
     b = float(clf.intercept_[0] - w @ mu)
-    return w, b
+    return w, b, chosen
+
+
+CS_GRID = tuple(float(c) for c in np.logspace(-3, 3, 7))
 
 
 def _metrics(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -174,13 +186,18 @@ def fit_probe(
     layer: "int | str" = "best",
     position: Any = "think_end",
     val_fraction: float = 0.25,
-    C: float = 1.0,
+    C: "float | str" = "cv",
     seed: int = 0,
     label_source: str = "behaviour",
     batch_size: int = 16,
     provenance: dict[str, Any] | None = None,
 ) -> LinearProbe:
-    """Fit the refusal probe. ``layer="best"`` sweeps every layer (one forward pass per batch for all layers)."""
+    """Fit the refusal probe. ``layer="best"`` sweeps every layer (one forward pass per batch for all layers).
+
+    The examples are split once (stratified, ``val_fraction`` held out, seeded); each layer's probe is fitted on
+    the training part (``C="cv"``: regularisation chosen by cross-validation within it) and scored on the
+    held-out part; the best layer is the one with the highest held-out accuracy, then AUROC, then depth.
+    """
     from sklearn.model_selection import train_test_split
 
     y = np.asarray(labels, dtype=int)
@@ -206,12 +223,12 @@ def fit_probe(
     by_layer = []
     fitted = {}
     for j, l in enumerate(layers):
-        w, b = _fit_one(feats[tr, j], y_used[tr], C, seed)
+        w, b, c_used = _fit_one(feats[tr, j], y_used[tr], C, seed)
         s_va = 1.0 / (1.0 + np.exp(-(feats[va, j].astype(np.float64) @ w + b)))
         s_tr = 1.0 / (1.0 + np.exp(-(feats[tr, j].astype(np.float64) @ w + b)))
         acc, auroc = _metrics(s_va, y_used[va])
         tr_acc, _ = _metrics(s_tr, y_used[tr])
-        by_layer.append({"layer": l, "val_accuracy": acc, "val_auroc": auroc, "train_accuracy": tr_acc})
+        by_layer.append({"layer": l, "val_accuracy": acc, "val_auroc": auroc, "train_accuracy": tr_acc, "C": c_used})
         fitted[l] = (w, b)
     best = max(by_layer, key=lambda r: (r["val_accuracy"], np.nan_to_num(r["val_auroc"]), r["layer"]))
     w, b = fitted[best["layer"]]
@@ -221,7 +238,7 @@ def fit_probe(
         w=w, b=b, layer=best["layer"], position=position if isinstance(position, str) else "custom",
         model_id=handle.model_id, model_hash=handle.model_hash, label_source=label_source,
         metrics={"val_accuracy": best["val_accuracy"], "val_auroc": best["val_auroc"],
-                 "train_accuracy": best["train_accuracy"], "n_train": int(len(tr)), "n_val": int(len(va)),
+                 "train_accuracy": best["train_accuracy"], "C": best["C"], "n_train": int(len(tr)), "n_val": int(len(va)),
                  "n_skipped_missing_position": int((~keep).sum()), "by_layer": by_layer},
         provenance={"seed": seed, "C": C, "val_fraction": val_fraction,
                     "data_hash": content_hash([batch.row(i) for i in range(len(batch))] + [y.tolist()]),
