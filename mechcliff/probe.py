@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,8 +157,10 @@ def _fit_one(x_tr: np.ndarray, y_tr: np.ndarray, C: "float | str", seed: int) ->
     xs = (x_tr - mu) / scale
     folds = min(4, int(np.bincount(y_tr).min()))
     if C == "cv" and folds >= 2:
-        clf = LogisticRegressionCV(Cs=CS_GRID, cv=folds, scoring="neg_log_loss", class_weight="balanced",
-                                   max_iter=5000, random_state=seed).fit(xs, y_tr)
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces an attribute change we do not rely on
+            warnings.simplefilter("ignore", FutureWarning)
+            clf = LogisticRegressionCV(Cs=CS_GRID, cv=folds, scoring="neg_log_loss", class_weight="balanced",
+                                       max_iter=5000, random_state=seed).fit(xs, y_tr)
         chosen = float(clf.C_[0])
     else:
         chosen = 1.0 if C == "cv" else float(C)
