@@ -236,7 +236,8 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise MechcliffError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise MechcliffError(f"{path}:{line}: not valid UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise MechcliffError(f"{path}: cannot read file: {e.strerror or e}") from None
 
