@@ -103,7 +103,9 @@ def test_probe_judge() -> None:
 
 
 def test_registry() -> None:
-    assert JUDGES == {"refusal": RefusalPhraseJudge, "probe": ProbeJudge}
+    from mechcliff.judges import ClassifierJudge
+
+    assert JUDGES == {"refusal": RefusalPhraseJudge, "probe": ProbeJudge, "classifier": ClassifierJudge}
     assert isinstance(get_judge("refusal"), RefusalPhraseJudge)
     probe = get_judge("probe", score_fn=lambda p, t, r: [1.0] * len(p), threshold=0.7)
     assert isinstance(probe, ProbeJudge) and probe.threshold == 0.7
