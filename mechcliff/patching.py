@@ -1,0 +1,255 @@
+"""Activation patching of attention heads, batched over patch indices, reusing the unpatched prefix.
+
+For each head ``(l, h)`` we run the *target* batch with that head's output ``z[l, h]`` at the target position
+replaced by its value in the paired *source* run at the source position (per example: pair ``i`` of the source
+batch goes with pair ``i`` of the target batch), and read a metric. The engine:
+
+* batches ``K`` patch indices of the same layer into one forward by replicating the target batch ``K`` times
+  (replica ``k`` patches head ``h_k``), chunked so that a forward holds at most ``max_rows`` rows;
+* reuses the unpatched prefix: the target's ``resid_pre[l]`` is computed once, and each chunk starts at layer
+  ``l`` (``start_at_layer``), so layers before the patched one are not recomputed;
+* stops at the probe layer for probe metrics (``stop_at_layer``).
+
+``normalized = (patched - target) / (source - target)`` on the example means: 1 = the head alone carries the
+source behaviour, 0 = no effect. :func:`patch_heads_reference` is the exact one-forward-per-index reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from mechcliff.chat import EncodedBatch
+from mechcliff.errors import MechcliffError
+from mechcliff.results import Result
+
+
+class ProbeMetric:
+    """The probe's logit ``w · resid_post[layer] + b`` at one position per example."""
+
+    name = "probe_logit"
+
+    def __init__(self, probe: Any):
+        self.probe = probe
+
+    def stop_at_layer(self, handle: Any) -> int | None:
+        return self.probe.layer + 1
+
+    def hooks(self, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
+        w = torch.as_tensor(self.probe.w, dtype=torch.float32)
+
+        def read(x: torch.Tensor, hook: Any) -> None:
+            rows = torch.arange(x.shape[0])
+            store["metric"] = (x[rows, positions].float() @ w.to(x.device) + self.probe.b).double().cpu()
+
+        return [(self.probe.hook_name, read)]
+
+    def from_logits(self, logits: torch.Tensor, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> torch.Tensor:
+        return store["metric"]
+
+
+class LogitDiffMetric:
+    """``logit[a] - logit[b]`` of the next-token distribution at one position per example."""
+
+    name = "logit_diff"
+
+    def __init__(self, token_a: int, token_b: int):
+        self.a, self.b = int(token_a), int(token_b)
+
+    def stop_at_layer(self, handle: Any) -> int | None:
+        return None
+
+    def hooks(self, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
+        return []
+
+    def from_logits(self, logits: torch.Tensor, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> torch.Tensor:
+        row = logits[torch.arange(logits.shape[0]), positions].double().cpu()
+        return row[:, self.a] - row[:, self.b]
+
+
+class RefusalLogOddsMetric:
+    """Arditi et al. (arXiv 2406.11717): ``log P(refusal first tokens) - log P(other tokens)`` at a position."""
+
+    name = "refusal_log_odds"
+
+    def __init__(self, refusal_token_ids: Sequence[int]):
+        self.ids = torch.tensor(sorted(set(int(i) for i in refusal_token_ids)), dtype=torch.long)
+
+    def stop_at_layer(self, handle: Any) -> int | None:
+        return None
+
+    def hooks(self, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
+        return []
+
+    def from_logits(self, logits: torch.Tensor, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> torch.Tensor:
+        lp = torch.log_softmax(logits[torch.arange(logits.shape[0]), positions].double(), -1).cpu()
+        p_ref = torch.logsumexp(lp[:, self.ids], -1)
+        return p_ref - torch.log1p(-p_ref.exp().clamp(max=1 - 1e-12))
+
+
+@dataclasses.dataclass
+class PatchingResult(Result):
+    """Metric after patching each head, with the unpatched target and source baselines."""
+
+    KIND: ClassVar[str] = "head_patching"
+    per_example: np.ndarray  # [example, layer, head] metric after patching (NaN where not patched)
+    target: np.ndarray  # [example] metric of the unpatched target run
+    source: np.ndarray  # [example] metric of the source run
+    metric: str
+    model_id: str = ""
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.per_example.mean(0)
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """``(patched - target) / (source - target)`` on example means, ``[layer, head]``."""
+        denom = float(self.source.mean() - self.target.mean())
+        if abs(denom) < 1e-12:
+            return np.full_like(self.mean, np.nan)
+        return (self.mean - self.target.mean()) / denom
+
+    def ranked_heads(self) -> list[tuple[int, int]]:
+        """Heads by normalized effect, largest first (NaN last)."""
+        m = self.normalized
+        flat = [(float(m[l, h]), (l, h)) for l in range(m.shape[0]) for h in range(m.shape[1]) if np.isfinite(m[l, h])]
+        return [hd for _, hd in sorted(flat, key=lambda t: -t[0])]
+
+    def top(self, k: int) -> list[str]:
+        return [f"L{l}H{h}" for l, h in self.ranked_heads()[:k]]
+
+    def plot(self, highlight: list[tuple[int, int]] | None = None):
+        from mechcliff.plotting import layer_head_heatmap
+
+        return layer_head_heatmap(self.normalized, title=f"Activation patching ({self.metric}, normalised)",
+                                  colorbar_title="(patched − target) / (source − target)", highlight=highlight)
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        return [("examples", str(self.per_example.shape[0])), ("metric", self.metric),
+                ("target / source", f"{self.target.mean():.3f} / {self.source.mean():.3f}"),
+                ("top heads", ", ".join(self.top(5)))]
+
+
+def _check_pair(handle: Any, target: EncodedBatch, source: EncodedBatch, target_position: Any, source_position: Any):
+    if len(target) != len(source):
+        raise MechcliffError(f"source ({len(source)}) and target ({len(target)}) must be paired example by example")
+    tpos, spos = target.position(target_position), source.position(source_position)
+    if (tpos < 0).any() or (spos < 0).any():
+        raise MechcliffError("some examples lack the patch position (e.g. thinking that never closed); drop them first")
+    return tpos, spos
+
+
+@torch.no_grad()
+def _source_z(handle: Any, source: EncodedBatch, spos: torch.Tensor) -> torch.Tensor:
+    """``z`` of every head at the source positions: ``[example, layer, head, d_head]``."""
+    store: dict[int, torch.Tensor] = {}
+    rows = torch.arange(len(source))
+
+    def grab(z: torch.Tensor, hook: Any) -> None:
+        store[int(hook.name.split(".")[1])] = z[rows, spos].detach().clone()
+
+    handle.bridge.run_with_hooks(source.tokens, attention_mask=source.attention_mask,
+                                 fwd_hooks=[(f"blocks.{l}.attn.hook_z", grab) for l in range(handle.n_layers)])
+    return torch.stack([store[l] for l in range(handle.n_layers)], 1)
+
+
+@torch.no_grad()
+def _run_metric(handle: Any, metric: Any, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                extra_hooks: list, start_at_layer: int | None = None) -> torch.Tensor:
+    store: dict[str, torch.Tensor] = {}
+    hooks = extra_hooks + metric.hooks(positions, store)
+    stop = metric.stop_at_layer(handle)
+    logits = handle.bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, start_at_layer=start_at_layer,
+                                          stop_at_layer=stop, return_type=None if stop is not None else "logits")
+    return metric.from_logits(logits, positions, store)
+
+
+def _parse_heads(handle: Any, heads: Sequence[Any] | None, metric: Any) -> list[tuple[int, int]]:
+    """Heads to patch; heads after the metric's last layer (e.g. the probe layer) cannot affect it and stay NaN."""
+    from mechcliff.interventions import validate
+
+    parsed = ([(l, h) for l in range(handle.n_layers) for h in range(handle.n_heads)] if heads is None
+              else validate(handle, heads, "scale_z", 0.0))
+    stop = metric.stop_at_layer(handle)
+    return [(l, h) for l, h in parsed if stop is None or l < stop]
+
+
+@torch.no_grad()
+def patch_heads(
+    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
+    target_position: Any = "think_end", source_position: Any = "think_end", max_rows: int = 64,
+    progress: bool = False,
+) -> PatchingResult:
+    """Patch each head's ``z`` from ``source`` into ``target`` (see module docstring); batched and prefix-reusing."""
+    from tqdm.auto import tqdm
+
+    tpos, spos = _check_pair(handle, target, source, target_position, source_position)
+    todo = _parse_heads(handle, heads, metric)
+    B = len(target)
+    if max_rows < B:
+        raise MechcliffError(f"max_rows ({max_rows}) must be at least the number of examples ({B})")
+    src_z = _source_z(handle, source, spos)
+    source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, spos, [])
+    store: dict[int, torch.Tensor] = {}
+
+    def keep(x: torch.Tensor, hook: Any) -> None:
+        store[int(hook.name.split(".")[1])] = x.detach().clone()
+
+    layers = sorted({l for l, _ in todo})
+    target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos,
+                                [(f"blocks.{l}.hook_resid_pre", keep) for l in layers])
+    out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
+    per_forward = max(1, max_rows // B)
+    chunks = []
+    for l in layers:
+        hs = [h for ll, h in todo if ll == l]
+        chunks += [(l, hs[i:i + per_forward]) for i in range(0, len(hs), per_forward)]
+    for l, hs in tqdm(chunks, desc="patching", disable=not progress, leave=False):
+        K = len(hs)
+        x = store[l].repeat(K, 1, 1)
+        mask = target.attention_mask.repeat(K, 1)
+        pos = tpos.repeat(K)
+        rows = torch.arange(K * B)
+        head_of_row = torch.tensor(hs).repeat_interleave(B)
+        patch = src_z[:, l][torch.arange(B).repeat(K), head_of_row]  # [K*B, d_head]
+
+        def patch_hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            z = z.clone()
+            z[rows, pos, head_of_row] = patch.to(z.dtype)
+            return z
+
+        vals = _run_metric(handle, metric, x, mask, pos, [(f"blocks.{l}.attn.hook_z", patch_hook)], start_at_layer=l)
+        out[:, l, hs] = vals.reshape(K, B).T.numpy()
+    return PatchingResult(per_example=out, target=target_metric.numpy(), source=source_metric.numpy(),
+                          metric=metric.name, model_id=handle.model_id)
+
+
+@torch.no_grad()
+def patch_heads_reference(
+    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
+    target_position: Any = "think_end", source_position: Any = "think_end",
+) -> PatchingResult:
+    """The exact reference: one full forward per head, no batching of indices and no prefix reuse."""
+    tpos, spos = _check_pair(handle, target, source, target_position, source_position)
+    B = len(target)
+    src_z = _source_z(handle, source, spos)
+    out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
+    rows = torch.arange(B)
+    for l, h in _parse_heads(handle, heads, metric):
+        def patch_hook(z: torch.Tensor, hook: Any, h: int = h, l: int = l) -> torch.Tensor:
+            z = z.clone()
+            z[rows, tpos, h] = src_z[:, l, h].to(z.dtype)
+            return z
+
+        out[:, l, h] = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos,
+                                   [(f"blocks.{l}.attn.hook_z", patch_hook)]).numpy()
+    return PatchingResult(
+        per_example=out,
+        target=_run_metric(handle, metric, target.tokens, target.attention_mask, tpos, []).numpy(),
+        source=_run_metric(handle, metric, source.tokens, source.attention_mask, spos, []).numpy(),
+        metric=metric.name, model_id=handle.model_id,
+    )

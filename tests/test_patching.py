@@ -1,0 +1,100 @@
+"""Activation patching: the batched, prefix-reusing engine equals the one-forward-per-index reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mechcliff.chat import encode
+from mechcliff.errors import MechcliffError
+from mechcliff.patching import (LogitDiffMetric, PatchingResult, ProbeMetric, RefusalLogOddsMetric, patch_heads,
+                                patch_heads_reference)
+from mechcliff.probe import LinearProbe
+
+# Ragged on purpose: different prompt and thinking lengths, so rows are left-padded differently.
+PROMPTS = ["how do i bake bread", "write a short story about a cat who learns to swim today", "explain the sky",
+           "plan a healthy week of meals for a busy person"]
+THINKING = ["the user asks", "the user asks for something harmless and ordinary", "ok", "the user asks for"]
+
+
+def _pair(handle):
+    target = encode(handle, PROMPTS, thinking=THINKING)
+    source = encode(handle, PROMPTS[::-1], thinking=THINKING[::-1], answers=["sure", "", "sorry i cannot", ""])
+    return target, source
+
+
+def _random_probe(handle, layer):
+    """A random direction scaled so that the probe logit is O(1): the 1e-5 tolerance is then float32-meaningful."""
+    w = np.random.default_rng(layer).standard_normal(handle.d_model)
+    w *= 0.05 / np.linalg.norm(w)
+    return LinearProbe(w=w, b=0.1, layer=layer, model_id=handle.model_id, model_hash=handle.model_hash)
+
+
+@pytest.mark.parametrize("kind", ["organism", "llama_gqa", "qwen2", "qwen3"])
+def test_engine_equals_reference_on_ragged_left_padded_batches(kind, organism, tiny_models):
+    h = organism if kind == "organism" else tiny_models(kind)
+    target, source = _pair(h)
+    assert len(set(target.pad_lengths)) > 1 and len(set(source.pad_lengths)) > 1
+    tok = h.tokenizer
+    metrics = [ProbeMetric(_random_probe(h, h.n_layers - 1)), ProbeMetric(_random_probe(h, 0)),
+               LogitDiffMetric(tok.convert_tokens_to_ids("sorry"), tok.convert_tokens_to_ids("sure")),
+               RefusalLogOddsMetric([tok.convert_tokens_to_ids("sorry"), tok.convert_tokens_to_ids("i")])]
+    for metric in metrics:
+        ref = patch_heads_reference(h, target, source, metric)
+        for max_rows in (len(target), 3 * len(target), 64):  # one head per forward, some, whole layers
+            fast = patch_heads(h, target, source, metric, max_rows=max_rows)
+            np.testing.assert_allclose(fast.target, ref.target, atol=1e-5)
+            np.testing.assert_allclose(fast.source, ref.source, atol=1e-5)
+            upstream = ~np.isnan(ref.per_example)
+            assert (upstream == ~np.isnan(fast.per_example)).all()
+            np.testing.assert_allclose(fast.per_example[upstream], ref.per_example[upstream], atol=1e-5)
+
+
+def test_probe_metric_only_patches_heads_upstream_and_matches_unpatched_when_source_is_target(organism):
+    target, _ = _pair(organism)
+    probe = _random_probe(organism, 1)
+    res = patch_heads(organism, target, target, ProbeMetric(probe))
+    # patching a run with itself changes nothing
+    finite = ~np.isnan(res.per_example)
+    np.testing.assert_allclose(res.per_example[finite], np.broadcast_to(res.target[:, None, None], res.per_example.shape)[finite],
+                               atol=1e-5)
+    np.testing.assert_allclose(res.target, res.source, atol=1e-6)
+
+
+def test_planted_heads_rank_first_on_the_organism(organism, organism_rollouts, organism_probe):
+    from mechcliff.generation import encode_rollouts
+
+    src = encode_rollouts(organism, [r for r in organism_rollouts if r.group == "harmful"][:8])
+    tgt = encode_rollouts(organism, [r for r in organism_rollouts if r.group == "harmful_jailbreak"][:8])
+    res = patch_heads(organism, tgt, src, ProbeMetric(organism_probe))
+    planted = sorted(organism.ground_truth.planted_labels)
+    assert sorted(res.top(3)) == planted
+    assert res.source.mean() > res.target.mean()
+    assert all(res.normalized[l, h] > 0.2 for l, h in organism.ground_truth.planted_suppression_heads)
+
+
+def test_subset_of_heads_and_save_load(organism, tmp_path):
+    target, source = _pair(organism)
+    metric = ProbeMetric(_random_probe(organism, 3))
+    res = patch_heads(organism, target, source, metric, heads=["L1H3", (2, 1)])
+    assert np.isfinite(res.per_example[:, 1, 3]).all() and np.isfinite(res.per_example[:, 2, 1]).all()
+    assert np.isnan(res.per_example[:, 0]).all()
+    back = PatchingResult.load(res.save(tmp_path / "p"))
+    np.testing.assert_array_equal(back.per_example, res.per_example)
+    assert back.metric == "probe_logit" and back.top(2) == res.top(2)
+    fig = res.plot()
+    assert fig.data[0].z.shape == (organism.n_layers, organism.n_heads)
+
+
+def test_bad_inputs(organism):
+    target, source = _pair(organism)
+    metric = ProbeMetric(_random_probe(organism, 3))
+    with pytest.raises(MechcliffError, match="paired"):
+        patch_heads(organism, target, encode(organism, PROMPTS[:2], thinking=THINKING[:2]), metric)
+    with pytest.raises(MechcliffError, match="max_rows"):
+        patch_heads(organism, target, source, metric, max_rows=2)
+    with pytest.raises(MechcliffError, match="does not exist"):
+        patch_heads(organism, target, source, metric, heads=["L9H0"])
+    unclosed = encode(organism, PROMPTS, thinking=THINKING, has_think_close=[True, False, True, True])
+    with pytest.raises(MechcliffError, match="lack the patch position"):
+        patch_heads(organism, unclosed, source, metric)
