@@ -34,7 +34,7 @@ test-integration: setup
 	$(BIN)/pytest -q -m integration --durations=5
 
 bench: setup
-	$(BIN)/python scripts/bench_attribution.py
+	$(BIN)/python scripts/bench/attribution.py
 
 clean-demo:
 	rm -rf $(DEMO)

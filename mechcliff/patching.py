@@ -6,8 +6,10 @@ batch goes with pair ``i`` of the target batch), and read a metric. The engine:
 
 * batches ``K`` patch indices of the same layer into one forward by replicating the target batch ``K`` times
   (replica ``k`` patches head ``h_k``), chunked so that a forward holds at most ``max_rows`` rows;
-* reuses the unpatched prefix: the target's ``resid_pre[l]`` is computed once, and each chunk starts at layer
-  ``l`` (``start_at_layer``), so layers before the patched one are not recomputed;
+* reuses the unpatched prefix: the tokens before the earliest patch position are run once with a KV cache and
+  each chunk recomputes only the suffix (one token per row when patching at the last token); when a patch
+  position is the very first token, chunks instead start at the patched layer from the target's cached
+  ``resid_pre`` (``start_at_layer``), so layers before the patched one are not recomputed;
 * stops at the probe layer for probe metrics (``stop_at_layer``).
 
 ``normalized = (patched - target) / (source - target)`` on the example means: 1 = the head alone carries the
@@ -184,9 +186,13 @@ def patch_heads(
     target_position: Any = "think_end", source_position: Any = "think_end", max_rows: int = 64,
     progress: bool = False,
 ) -> PatchingResult:
-    """Patch each head's ``z`` from ``source`` into ``target`` (see module docstring); batched and prefix-reusing."""
-    from tqdm.auto import tqdm
+    """Patch each head's ``z`` from ``source`` into ``target`` (see module docstring); batched and prefix-reusing.
 
+    When every target position is past the first token, the shared prefix (all tokens before the earliest patch
+    position) is run once with a KV cache, and each chunk of patch indices only recomputes the suffix: for a
+    patch at ``think_end`` of a batch encoded without answers that is a single token per row. Otherwise chunks
+    start at the patched layer from the cached ``resid_pre``.
+    """
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)
     todo = _parse_heads(handle, heads, metric)
     B = len(target)
@@ -194,6 +200,66 @@ def patch_heads(
         raise MechcliffError(f"max_rows ({max_rows}) must be at least the number of examples ({B})")
     src_z = _source_z(handle, source, spos)
     source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, spos, [])
+    out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
+    if int(tpos.min()) > 0:
+        target_metric = _patch_suffix(handle, target, tpos, src_z, metric, todo, max_rows, out, progress)
+    else:
+        target_metric = _patch_from_layer(handle, target, tpos, src_z, metric, todo, max_rows, out, progress)
+    return PatchingResult(per_example=out, target=target_metric.numpy(), source=source_metric.numpy(),
+                          metric=metric.name, model_id=handle.model_id)
+
+
+def _patch_suffix(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
+                  todo: list[tuple[int, int]], max_rows: int, out: np.ndarray, progress: bool) -> torch.Tensor:
+    """KV-cache the prefix before the earliest patch position once; recompute only the suffix per chunk."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    B, P = len(target), int(tpos.min())
+    target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos, [])
+    _, prefix_cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
+                                    return_type="logits_and_cache")
+    suffix, local = target.tokens[:, P:], tpos - P
+    per_forward = max(1, max_rows // B)
+    chunks = [todo[i:i + per_forward] for i in range(0, len(todo), per_forward)]
+    for chunk in tqdm(chunks, desc="patching", disable=not progress, leave=False):
+        K = len(chunk)
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(K)  # row = example * K + replica
+        ex = torch.arange(B).repeat_interleave(K)
+        rep = torch.arange(K).repeat(B)
+        hooks = []
+        for l in sorted({l for l, _ in chunk}):
+            sel = torch.tensor([chunk[k][0] == l for k in range(K)])[rep]
+            rows = sel.nonzero().flatten()
+            hs = torch.tensor([chunk[k][1] for k in range(K)])[rep[rows]]
+            vals = src_z[ex[rows], l, hs]
+
+            def patch_hook(z: torch.Tensor, hook: Any, rows=rows, hs=hs, vals=vals) -> torch.Tensor:
+                z = z.clone()
+                z[rows, local[ex[rows]], hs] = vals.to(z.dtype)
+                return z
+
+            hooks.append((f"blocks.{l}.attn.hook_z", patch_hook))
+        store: dict[str, torch.Tensor] = {}
+        pos = local[ex]
+        logits = handle.bridge.run_with_hooks(
+            suffix.repeat_interleave(K, 0), attention_mask=target.attention_mask.repeat_interleave(K, 0),
+            past_key_values=cache, fwd_hooks=hooks + metric.hooks(pos, store),
+        )
+        vals_out = metric.from_logits(logits, pos, store).reshape(B, K)
+        for k, (l, h) in enumerate(chunk):
+            out[:, l, h] = vals_out[:, k].numpy()
+    return target_metric
+
+
+def _patch_from_layer(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
+                      todo: list[tuple[int, int]], max_rows: int, out: np.ndarray, progress: bool) -> torch.Tensor:
+    """Chunks of heads of one layer, each starting at that layer from the target's cached ``resid_pre``."""
+    from tqdm.auto import tqdm
+
+    B = len(target)
     store: dict[int, torch.Tensor] = {}
 
     def keep(x: torch.Tensor, hook: Any) -> None:
@@ -202,7 +268,6 @@ def patch_heads(
     layers = sorted({l for l, _ in todo})
     target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos,
                                 [(f"blocks.{l}.hook_resid_pre", keep) for l in layers])
-    out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
     per_forward = max(1, max_rows // B)
     chunks = []
     for l in layers:
@@ -224,8 +289,7 @@ def patch_heads(
 
         vals = _run_metric(handle, metric, x, mask, pos, [(f"blocks.{l}.attn.hook_z", patch_hook)], start_at_layer=l)
         out[:, l, hs] = vals.reshape(K, B).T.numpy()
-    return PatchingResult(per_example=out, target=target_metric.numpy(), source=source_metric.numpy(),
-                          metric=metric.name, model_id=handle.model_id)
+    return target_metric
 
 
 @torch.no_grad()

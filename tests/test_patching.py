@@ -98,3 +98,15 @@ def test_bad_inputs(organism):
     unclosed = encode(organism, PROMPTS, thinking=THINKING, has_think_close=[True, False, True, True])
     with pytest.raises(MechcliffError, match="lack the patch position"):
         patch_heads(organism, unclosed, source, metric)
+
+
+@pytest.mark.parametrize("kind", ["organism", "qwen3"])
+def test_both_engine_modes_equal_reference(kind, organism, tiny_models):
+    """Patching at the first real token (no shared prefix: start-at-layer mode) and in the middle (KV-cache mode)."""
+    h = organism if kind == "organism" else tiny_models(kind)
+    target, source = _pair(h)
+    metric = ProbeMetric(_random_probe(h, h.n_layers - 1))
+    for t_pos, s_pos in ((0, 0), (2, 3), ("prompt_end", "think_close")):
+        ref = patch_heads_reference(h, target, source, metric, target_position=t_pos, source_position=s_pos)
+        fast = patch_heads(h, target, source, metric, target_position=t_pos, source_position=s_pos, max_rows=16)
+        np.testing.assert_allclose(fast.per_example, ref.per_example, atol=1e-5)

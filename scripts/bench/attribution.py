@@ -1,6 +1,6 @@
 """Benchmark: the cost of mechcliff's analyses relative to the bare forward pass, measured side by side.
 
-    python scripts/bench_attribution.py [--model organism|smollm2-135m-instruct|PATH] [--batch 8] [--tokens 256]
+    python scripts/bench/attribution.py [--model organism|smollm2-135m-instruct|PATH] [--batch 8] [--tokens 256]
 
 Prints one row per operation: seconds (median of --repeats) and the ratio to a bare forward pass of the same
 batch. Compared: bare forward; probe trace (resid_post at one layer, all positions); direct probe attribution
