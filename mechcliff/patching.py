@@ -317,3 +317,51 @@ def patch_heads_reference(
         source=_run_metric(handle, metric, source.tokens, source.attention_mask, spos, []).numpy(),
         metric=metric.name, model_id=handle.model_id,
     )
+
+
+def attribution_patch_heads(
+    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, target_position: Any = "think_end",
+    source_position: Any = "think_end",
+) -> PatchingResult:
+    """Attribution patching (gradient approximation, Nanda 2023; Syed et al. 2023): one forward and one backward.
+
+    ``patched[l, h] ≈ M(target) + (z_source[l, h] - z_target[l, h]) · ∂M/∂z[l, h]`` at the patch position, for
+    every head at once. A fast screen: compare with :func:`patch_heads` via :func:`rank_correlation`.
+    """
+    tpos, spos = _check_pair(handle, target, source, target_position, source_position)
+    src_z = _source_z(handle, source, spos)
+    source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, spos, [])
+    B, L = len(target), handle.n_layers
+    stop = metric.stop_at_layer(handle)
+    layers = range(L if stop is None else stop)
+    zs: dict[int, torch.Tensor] = {}
+
+    def keep(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        zs[int(hook.name.split(".")[1])] = z
+        return z
+
+    with torch.enable_grad():
+        store: dict[str, torch.Tensor] = {}
+        hooks = [(f"blocks.{l}.attn.hook_z", keep) for l in layers] + metric.hooks(tpos, store)
+        logits = handle.bridge.run_with_hooks(target.tokens, attention_mask=target.attention_mask, fwd_hooks=hooks,
+                                              stop_at_layer=stop, return_type=None if stop is not None else "logits")
+        values = metric.from_logits(logits, tpos, store)
+        grads = torch.autograd.grad(values.sum(), [zs[l] for l in layers])
+    rows = torch.arange(B)
+    out = np.full((B, L, handle.n_heads), np.nan)
+    for l, g in zip(layers, grads):
+        delta = src_z[:, l].double() - zs[l][rows, tpos].detach().double()
+        out[:, l] = (values.detach()[:, None] + (delta * g[rows, tpos].double()).sum(-1)).numpy()
+    return PatchingResult(per_example=out, target=values.detach().numpy(), source=source_metric.numpy(),
+                          metric=metric.name + " (attribution patching)", model_id=handle.model_id)
+
+
+def rank_correlation(a: PatchingResult, b: PatchingResult) -> float:
+    """Spearman rank correlation of two patching results' mean effects over the heads both define."""
+    from scipy.stats import spearmanr
+
+    x, y = a.mean.ravel(), b.mean.ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        raise MechcliffError("rank correlation needs at least 3 heads defined in both results")
+    return float(spearmanr(x[ok], y[ok]).statistic)

@@ -110,3 +110,17 @@ def test_both_engine_modes_equal_reference(kind, organism, tiny_models):
         ref = patch_heads_reference(h, target, source, metric, target_position=t_pos, source_position=s_pos)
         fast = patch_heads(h, target, source, metric, target_position=t_pos, source_position=s_pos, max_rows=16)
         np.testing.assert_allclose(fast.per_example, ref.per_example, atol=1e-5)
+
+
+def test_attribution_patching_tracks_exact_patching(organism, organism_rollouts, organism_probe, tiny_models):
+    from mechcliff.generation import encode_rollouts
+    from mechcliff.patching import attribution_patch_heads, rank_correlation
+
+    src = encode_rollouts(organism, [r for r in organism_rollouts if r.group == "harmful"][:8])
+    tgt = encode_rollouts(organism, [r for r in organism_rollouts if r.group == "harmful_jailbreak"][:8])
+    metric = ProbeMetric(organism_probe)
+    exact = patch_heads(organism, tgt, src, metric)
+    approx = attribution_patch_heads(organism, tgt, src, metric)
+    np.testing.assert_allclose(approx.target, exact.target, atol=1e-5)
+    assert rank_correlation(exact, approx) >= 0.8
+    assert sorted(approx.top(3)) == sorted(organism.ground_truth.planted_labels)
