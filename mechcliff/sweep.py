@@ -1,0 +1,198 @@
+"""Ablation sweeps: top-k heads × γ × mode, each cell with ASR, a same-size random control and a capability check.
+
+Each cell generates the attack prompts and the harmless prompts under the intervention, judges the final answers,
+and measures capability on harmless text so that "safer" never hides "broken":
+
+* ``loss``: mean next-token cross-entropy of the model on its own harmless continuations (thinking, closing
+  template and answer of unablated harmless rollouts), under the intervention;
+* ``kl``: mean KL(base ‖ intervened) of the next-token distribution at the end of the harmless generation prompts.
+
+Cells are appended to ``out_dir/cells.jsonl`` as they finish; a re-run skips the cells already there (resumable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from mechcliff.chat import EncodedBatch, encode
+from mechcliff.data import Prompt, Rollout
+from mechcliff.errors import MechcliffError
+from mechcliff.interventions import head_label, intervene, parse_head
+from mechcliff.results import Result
+
+
+@torch.no_grad()
+def continuation_loss(handle: Any, batch: EncodedBatch, batch_size: int = 16) -> float:
+    """Mean cross-entropy (nats/token) of the tokens after the generation prompt (thinking, closing, answer)."""
+    total, count = 0.0, 0
+    for s in range(0, len(batch), batch_size):
+        toks, mask = batch.tokens[s:s + batch_size], batch.attention_mask[s:s + batch_size]
+        logits = handle.bridge(toks, attention_mask=mask)
+        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, toks[:, 1:, None])[..., 0]
+        keep = torch.zeros_like(toks, dtype=torch.bool)
+        for j in range(toks.shape[0]):
+            keep[j, batch.spans[s + j]["prefix"][1]:] = True
+        keep = keep[:, 1:] & mask[:, 1:].bool()
+        total -= float(lp[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise MechcliffError("no continuation tokens to score (harmless rollouts without thinking or answers)")
+    return total / count
+
+
+@torch.no_grad()
+def next_token_logprobs(handle: Any, batch: EncodedBatch, position: Any = "prompt_end") -> torch.Tensor:
+    pos = batch.position(position)
+    logits = handle.bridge(batch.tokens, attention_mask=batch.attention_mask)
+    return torch.log_softmax(logits[torch.arange(len(batch)), pos].double(), -1)
+
+
+def mean_kl(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    return float((base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1).mean())
+
+
+@dataclasses.dataclass
+class AblationSweepResult(Result):
+    """One row per cell: ``{mode, gamma, k, selection ("ranked"|"random"), seed, heads, asr, asr_low, asr_high,
+    harmless_refusal, loss, kl}``; plus the unablated baseline."""
+
+    KIND: ClassVar[str] = "ablation_sweep"
+    cells: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    judge: str = "refusal"
+    model_id: str = ""
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.cells)
+
+    def curve(self, mode: str, gamma: float, selection: str) -> tuple[list[int], list[float], list[float], list[float]]:
+        """k, mean ASR, low, high for one line of the plot (random cells are averaged over seeds)."""
+        rows = [c for c in self.cells if c["mode"] == mode and c["gamma"] == gamma and c["selection"] == selection]
+        ks = sorted({c["k"] for c in rows})
+        mean = [float(np.mean([c["asr"] for c in rows if c["k"] == k])) for k in ks]
+        low = [float(np.min([c["asr_low"] for c in rows if c["k"] == k])) for k in ks]
+        high = [float(np.max([c["asr_high"] for c in rows if c["k"] == k])) for k in ks]
+        return ks, mean, low, high
+
+    def plot(self):
+        """ASR against k for ranked heads and for random heads of the same size, one pair of lines per (mode, γ)."""
+        import plotly.graph_objects as go
+
+        from mechcliff.plotting import OKABE_ITO, TEMPLATE
+
+        fig = go.Figure()
+        combos = sorted({(c["mode"], c["gamma"]) for c in self.cells})
+        for i, (mode, gamma) in enumerate(combos):
+            for sel, dash in (("ranked", "solid"), ("random", "dot")):
+                ks, mean, low, high = self.curve(mode, gamma, sel)
+                if not ks:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=ks, y=mean, mode="lines+markers", name=f"{sel} heads, {mode} γ={gamma:g}",
+                    line=dict(color=OKABE_ITO[i % len(OKABE_ITO)], dash=dash),
+                    error_y=dict(type="data", symmetric=False, array=np.subtract(high, mean).tolist(),
+                                 arrayminus=np.subtract(mean, low).tolist()),
+                ))
+        fig.add_hline(y=self.baseline["asr"], line=dict(dash="dash", color="gray"), annotation_text="no ablation")
+        fig.update_layout(template=TEMPLATE, title="Attack success rate against the number of ablated heads",
+                          xaxis_title="heads ablated (k)", yaxis_title="ASR", yaxis_range=[0, 1.02])
+        return fig
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        return [("cells", str(len(self.cells))), ("baseline ASR", f"{self.baseline['asr']:.3f}"),
+                ("judge", self.judge)]
+
+
+def _cell_key(c: dict[str, Any]) -> tuple:
+    return (c["mode"], float(c["gamma"]), int(c["k"]), c["selection"], int(c["seed"]))
+
+
+def ablation_sweep(
+    handle: Any,
+    ranked_heads: Sequence[Any],
+    attack_prompts: Sequence[Prompt],
+    harmless_prompts: Sequence[Prompt],
+    *,
+    judge: Any,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    gammas: Sequence[float] = (0.0,),
+    modes: Sequence[str] = ("scale_z",),
+    n_random: int = 3,
+    seed: int = 0,
+    harmless_rollouts: Sequence[Rollout] | None = None,
+    out_dir: str | Path | None = None,
+    generation: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> AblationSweepResult:
+    """Run the grid ``modes × gammas × ks`` for the top-``k`` of ``ranked_heads`` and ``n_random`` random sets."""
+    from mechcliff.asr import asr_of, random_head_sets, refusal_flags
+    from mechcliff.generation import encode_rollouts, generate_rollouts
+    from mechcliff.stats import Rate
+
+    ranked = [parse_head(h) for h in ranked_heads]
+    if not ranked:
+        raise MechcliffError("ranked_heads is empty")
+    if any(k < 1 or k > len(ranked) for k in ks):
+        raise MechcliffError(f"every k must be between 1 and the number of ranked heads ({len(ranked)}), got {list(ks)}")
+    gen = {"progress": False, **(generation or {})}
+    cells_file = Path(out_dir) / "cells.jsonl" if out_dir is not None else None
+    done: dict[tuple, dict[str, Any]] = {}
+    if cells_file is not None and cells_file.exists():
+        for line in cells_file.read_text().splitlines():
+            try:
+                c = json.loads(line)
+                done[_cell_key(c)] = c
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line: redo that cell
+        cells_file.write_text("".join(json.dumps(c) + "\n" for c in done.values()))
+    if harmless_rollouts is None:
+        harmless_rollouts = generate_rollouts(handle, list(harmless_prompts), **gen)
+    cap_batch = encode_rollouts(handle, list(harmless_rollouts), enable_thinking=gen.get("enable_thinking", True))
+    kl_batch = encode(handle, [p.text if isinstance(p, Prompt) else p for p in harmless_prompts],
+                      enable_thinking=gen.get("enable_thinking", True))
+    base_lp = next_token_logprobs(handle, kl_batch)
+    base_attack = generate_rollouts(handle, list(attack_prompts), **gen)
+    base_rate = asr_of(base_attack, judge)
+    baseline = {"asr": base_rate["rate"], "asr_low": base_rate["low"], "asr_high": base_rate["high"],
+                "harmless_refusal": float(np.mean(refusal_flags(harmless_rollouts, judge))),
+                "loss": continuation_loss(handle, cap_batch), "kl": 0.0}
+    plan = []
+    for mode in modes:
+        for gamma in gammas:
+            for k in ks:
+                plan.append((mode, float(gamma), int(k), "ranked", 0, ranked[:k]))
+                for i, hs in enumerate(random_head_sets(handle, k, n_random, seed + 1000 * k)):
+                    plan.append((mode, float(gamma), int(k), "random", i, hs))
+    from tqdm.auto import tqdm
+
+    cells = []
+    for mode, gamma, k, sel, sd, hs in tqdm(plan, desc="sweep", disable=not progress, leave=False):
+        key = (mode, gamma, k, sel, sd)
+        if key in done:
+            cells.append(done[key])
+            continue
+        with intervene(handle, hs, mode=mode, gamma=gamma):
+            att = generate_rollouts(handle, list(attack_prompts), **gen)
+            harmless = generate_rollouts(handle, list(harmless_prompts), **gen)
+            loss = continuation_loss(handle, cap_batch)
+            kl = mean_kl(base_lp, next_token_logprobs(handle, kl_batch))
+        a = asr_of(att, judge)
+        hr = Rate.of(sum(refusal_flags(harmless, judge)), len(harmless))
+        cell = {"mode": mode, "gamma": gamma, "k": k, "selection": sel, "seed": sd,
+                "heads": [head_label(h) for h in hs], "asr": a["rate"], "asr_low": a["low"], "asr_high": a["high"],
+                "harmless_refusal": hr.rate, "loss": loss, "kl": kl}
+        cells.append(cell)
+        if cells_file is not None:
+            cells_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(cells_file, "a") as f:
+                f.write(json.dumps(cell) + "\n")
+    return AblationSweepResult(cells=cells, baseline=baseline, judge=getattr(judge, "name", "judge"),
+                               model_id=handle.model_id)
