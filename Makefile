@@ -33,8 +33,11 @@ test-fast: setup
 test-integration: setup
 	$(BIN)/pytest -q -m integration --durations=5
 
+# Benchmarks print ratios measured side by side in one run (several minutes each on SmolLM2).
 bench: setup
-	$(BIN)/python scripts/bench/attribution.py
+	$(BIN)/python scripts/bench/attribution_memory.py
+	$(BIN)/python scripts/bench/generation.py
+	$(BIN)/python scripts/bench/patching.py
 
 clean-demo:
 	rm -rf $(DEMO)
