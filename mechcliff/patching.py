@@ -365,3 +365,161 @@ def rank_correlation(a: PatchingResult, b: PatchingResult) -> float:
     if ok.sum() < 3:
         raise MechcliffError("rank correlation needs at least 3 heads defined in both results")
     return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+SITES = {"resid_pre": "blocks.{l}.hook_resid_pre", "attn_out": "blocks.{l}.hook_attn_out",
+         "mlp_out": "blocks.{l}.hook_mlp_out"}
+
+
+@dataclasses.dataclass
+class PositionPatchingResult(Result):
+    """Metric after patching one site (``resid_pre``, ``attn_out`` or ``mlp_out``) at one layer and one offset."""
+
+    KIND: ClassVar[str] = "position_patching"
+    per_example: np.ndarray  # [example, layer, offset]
+    target: np.ndarray
+    source: np.ndarray
+    offsets: list[int]
+    site: str
+    metric: str
+    model_id: str = ""
+
+    @property
+    def normalized(self) -> np.ndarray:
+        denom = float(self.source.mean() - self.target.mean())
+        m = self.per_example.mean(0)
+        return np.full_like(m, np.nan) if abs(denom) < 1e-12 else (m - self.target.mean()) / denom
+
+    def plot(self):
+        import plotly.graph_objects as go
+
+        from mechcliff.plotting import DIVERGING_SCALE, TEMPLATE
+
+        z = self.normalized
+        m = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+        fig = go.Figure(go.Heatmap(z=z, x=[str(o) for o in self.offsets], y=list(range(z.shape[0])),
+                                   colorscale=DIVERGING_SCALE, zmin=-m, zmax=m, zmid=0,
+                                   colorbar=dict(title="normalised effect"),
+                                   hovertemplate="layer %{y}, offset %{x}: %{z:.3f}<extra></extra>"))
+        fig.update_layout(template=TEMPLATE, title=f"Patching {self.site} ({self.metric}, normalised)",
+                          xaxis_title="position relative to the patch anchor", yaxis_title="layer")
+        fig.update_yaxes(autorange="reversed")
+        return fig
+
+
+@torch.no_grad()
+def patch_positions(
+    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
+    offsets: Sequence[int] = (-4, -3, -2, -1, 0), target_anchor: Any = "think_end", source_anchor: Any = "think_end",
+    metric_position: Any = "think_end", layers: Sequence[int] | None = None, max_rows: int = 64,
+) -> PositionPatchingResult:
+    """A ``[layer, offset]`` grid: patch ``site`` of layer ``l`` at ``anchor + offset`` (per example, in both runs)
+    from source into target, one index per replica, recomputing only the suffix after the earliest patched token."""
+    import copy
+
+    if site not in SITES:
+        raise MechcliffError(f"site must be one of {', '.join(SITES)}, not {site!r}")
+    B = len(target)
+    if len(source) != B:
+        raise MechcliffError(f"source ({len(source)}) and target ({B}) must be paired example by example")
+    if max_rows < B:
+        raise MechcliffError(f"max_rows ({max_rows}) must be at least the number of examples ({B})")
+    ta, sa, mpos = target.position(target_anchor), source.position(source_anchor), target.position(metric_position)
+    offs = torch.tensor(list(offsets), dtype=torch.long)
+    tp, sp = ta[:, None] + offs, sa[:, None] + offs  # [B, n_offsets]
+    lo_t = torch.tensor(target.pad_lengths)[:, None]
+    lo_s = torch.tensor(source.pad_lengths)[:, None]
+    if (ta < 0).any() or (sa < 0).any() or (tp < lo_t).any() or (sp < lo_s).any() or (tp > mpos[:, None]).any() \
+            or (tp >= target.tokens.shape[1]).any() or (sp >= source.tokens.shape[1]).any():
+        raise MechcliffError("some anchor + offset falls outside an example (or after the metric position)")
+    layer_list = list(range(handle.n_layers)) if layers is None else [handle.check_layer(l) for l in layers]
+    stop = metric.stop_at_layer(handle)
+    layer_list = [l for l in layer_list if stop is None or l < stop or (site == "resid_pre" and l <= stop)]
+    names = [SITES[site].format(l=l) for l in layer_list]
+    src: dict[int, torch.Tensor] = {}
+    rows = torch.arange(B)
+
+    def grab(x: torch.Tensor, hook: Any) -> None:
+        src[int(hook.name.split(".")[1])] = x[rows[:, None], sp].detach().clone()  # [B, n_offsets, d_model]
+
+    source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, source.position(metric_position),
+                                [(n, grab) for n in names])
+    target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, mpos, [])
+    P = int(tp.min())
+    out = np.full((B, handle.n_layers, len(offs)), np.nan)
+    todo = [(l, j) for l in layer_list for j in range(len(offs))]
+    per_forward = max(1, max_rows // B)
+    prefix_cache = None
+    if P > 0:
+        _, prefix_cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
+                                        return_type="logits_and_cache")
+    for i in range(0, len(todo), per_forward):
+        chunk = todo[i:i + per_forward]
+        K = len(chunk)
+        ex = torch.arange(B).repeat_interleave(K)
+        rep = torch.arange(K).repeat(B)
+        hooks = []
+        for l in sorted({l for l, _ in chunk}):
+            sel = torch.tensor([chunk[k][0] == l for k in range(K)])[rep]
+            r = sel.nonzero().flatten()
+            j = torch.tensor([chunk[k][1] for k in range(K)])[rep[r]]
+            vals, where = src[l][ex[r], j], tp[ex[r], j] - P
+
+            def patch_hook(x: torch.Tensor, hook: Any, r=r, vals=vals, where=where) -> torch.Tensor:
+                x = x.clone()
+                x[r, where] = vals.to(x.dtype)
+                return x
+
+            hooks.append((SITES[site].format(l=l), patch_hook))
+        store: dict[str, torch.Tensor] = {}
+        pos = (mpos - P)[ex]
+        kw: dict[str, Any] = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(K)
+            kw["past_key_values"] = cache
+        logits = handle.bridge.run_with_hooks(target.tokens[:, P:].repeat_interleave(K, 0),
+                                              attention_mask=target.attention_mask.repeat_interleave(K, 0),
+                                              fwd_hooks=hooks + metric.hooks(pos, store), **kw)
+        vals_out = metric.from_logits(logits, pos, store).reshape(B, K)
+        for k, (l, j) in enumerate(chunk):
+            out[:, l, j] = vals_out[:, k].numpy()
+    return PositionPatchingResult(per_example=out, target=target_metric.numpy(), source=source_metric.numpy(),
+                                  offsets=[int(o) for o in offs], site=site, metric=metric.name,
+                                  model_id=handle.model_id)
+
+
+@torch.no_grad()
+def patch_positions_reference(
+    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
+    offsets: Sequence[int] = (-4, -3, -2, -1, 0), target_anchor: Any = "think_end", source_anchor: Any = "think_end",
+    metric_position: Any = "think_end", layers: Sequence[int] | None = None,
+) -> PositionPatchingResult:
+    """One full forward per (layer, offset): the exact reference for :func:`patch_positions`."""
+    B = len(target)
+    ta, sa, mpos = target.position(target_anchor), source.position(source_anchor), target.position(metric_position)
+    layer_list = list(range(handle.n_layers)) if layers is None else list(layers)
+    stop = metric.stop_at_layer(handle)
+    layer_list = [l for l in layer_list if stop is None or l < stop or (site == "resid_pre" and l <= stop)]
+    rows = torch.arange(B)
+    src: dict[int, torch.Tensor] = {}
+
+    def grab(x: torch.Tensor, hook: Any) -> None:
+        src[int(hook.name.split(".")[1])] = x.detach().clone()
+
+    source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, source.position(metric_position),
+                                [(SITES[site].format(l=l), grab) for l in layer_list])
+    out = np.full((B, handle.n_layers, len(offsets)), np.nan)
+    for l in layer_list:
+        for j, o in enumerate(offsets):
+            def patch_hook(x: torch.Tensor, hook: Any, l=l, o=o) -> torch.Tensor:
+                x = x.clone()
+                x[rows, ta + o] = src[l][rows, sa + o].to(x.dtype)
+                return x
+
+            out[:, l, j] = _run_metric(handle, metric, target.tokens, target.attention_mask, mpos,
+                                       [(SITES[site].format(l=l), patch_hook)]).numpy()
+    return PositionPatchingResult(
+        per_example=out, target=_run_metric(handle, metric, target.tokens, target.attention_mask, mpos, []).numpy(),
+        source=source_metric.numpy(), offsets=[int(o) for o in offsets], site=site, metric=metric.name,
+        model_id=handle.model_id)

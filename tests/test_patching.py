@@ -124,3 +124,37 @@ def test_attribution_patching_tracks_exact_patching(organism, organism_rollouts,
     np.testing.assert_allclose(approx.target, exact.target, atol=1e-5)
     assert rank_correlation(exact, approx) >= 0.8
     assert sorted(approx.top(3)) == sorted(organism.ground_truth.planted_labels)
+
+
+@pytest.mark.parametrize("kind", ["organism", "llama_gqa", "qwen2"])
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out"])
+def test_position_patching_equals_reference(kind, site, organism, tiny_models, tmp_path):
+    from mechcliff.patching import PositionPatchingResult, patch_positions, patch_positions_reference
+
+    h = organism if kind == "organism" else tiny_models(kind)
+    target, source = _pair(h)
+    tok = h.tokenizer
+    for metric in (ProbeMetric(_random_probe(h, h.n_layers - 1)),
+                   LogitDiffMetric(tok.convert_tokens_to_ids("sorry"), tok.convert_tokens_to_ids("sure"))):
+        ref = patch_positions_reference(h, target, source, metric, site=site, offsets=(-2, -1, 0))
+        fast = patch_positions(h, target, source, metric, site=site, offsets=(-2, -1, 0), max_rows=12)
+        np.testing.assert_allclose(fast.per_example, ref.per_example, atol=1e-5)
+    if site == "resid_pre" and kind == "organism":
+        # patching a run with itself changes nothing
+        same = patch_positions(h, target, target, metric, site=site, offsets=(-2, -1, 0))
+        finite = ~np.isnan(same.per_example)
+        np.testing.assert_allclose(same.per_example[finite],
+                                   np.broadcast_to(same.target[:, None, None], same.per_example.shape)[finite], atol=1e-5)
+        back = PositionPatchingResult.load(fast.save(tmp_path / "pp"))
+        np.testing.assert_array_equal(back.per_example, fast.per_example)
+        assert back.plot().data[0].z.shape == (h.n_layers, 3)
+
+
+def test_position_patching_bad_offsets(organism):
+    from mechcliff.patching import patch_positions
+
+    target, source = _pair(organism)
+    with pytest.raises(MechcliffError, match="outside"):
+        patch_positions(organism, target, source, ProbeMetric(_random_probe(organism, 3)), offsets=(1,))
+    with pytest.raises(MechcliffError, match="site"):
+        patch_positions(organism, target, source, ProbeMetric(_random_probe(organism, 3)), site="q")
