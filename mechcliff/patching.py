@@ -136,6 +136,22 @@ class PatchingResult(Result):
                 ("top heads", ", ".join(self.top(5)))]
 
 
+def rows_for_budget(handle: Any, batch: EncodedBatch, memory_budget_mb: float, recomputed_tokens: int | None = None) -> int:
+    """How many rows (examples × patch indices) one forward may hold within ``memory_budget_mb``.
+
+    Per row we count, in float32: the KV cache of the prefix (keys and values of every layer), the activations of
+    the recomputed tokens (residual-sized tensors, about 8 per layer), and the attention scores of the recomputed
+    tokens against the whole sequence. A deliberate over-estimate: the budget is a ceiling, not a target.
+    """
+    cfg = handle.bridge.cfg
+    T = int(batch.tokens.shape[1])
+    q = T if recomputed_tokens is None else int(recomputed_tokens)
+    kv_heads = int(getattr(cfg, "n_key_value_heads", None) or handle.n_heads)
+    per_layer = 2 * T * kv_heads * handle.d_head + 8 * q * handle.d_model + handle.n_heads * q * T
+    per_row_bytes = 4 * handle.n_layers * per_layer + 4 * q * int(handle.hf_model.config.vocab_size)
+    return max(1, int(memory_budget_mb * 2**20 // per_row_bytes))
+
+
 def _check_pair(handle: Any, target: EncodedBatch, source: EncodedBatch, target_position: Any, source_position: Any):
     if len(target) != len(source):
         raise MechcliffError(f"source ({len(source)}) and target ({len(target)}) must be paired example by example")
@@ -183,19 +199,23 @@ def _parse_heads(handle: Any, heads: Sequence[Any] | None, metric: Any) -> list[
 @torch.no_grad()
 def patch_heads(
     handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
-    target_position: Any = "think_end", source_position: Any = "think_end", max_rows: int = 64,
-    progress: bool = False,
+    target_position: Any = "think_end", source_position: Any = "think_end", max_rows: int | None = None,
+    memory_budget_mb: float = 2048.0, progress: bool = False,
 ) -> PatchingResult:
     """Patch each head's ``z`` from ``source`` into ``target`` (see module docstring); batched and prefix-reusing.
 
     When every target position is past the first token, the shared prefix (all tokens before the earliest patch
     position) is run once with a KV cache, and each chunk of patch indices only recomputes the suffix: for a
     patch at ``think_end`` of a batch encoded without answers that is a single token per row. Otherwise chunks
-    start at the patched layer from the cached ``resid_pre``.
+    start at the patched layer from the cached ``resid_pre``. Chunks hold at most ``max_rows`` rows (examples ×
+    patch indices); by default that is derived from ``memory_budget_mb`` (:func:`rows_for_budget`).
     """
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)
     todo = _parse_heads(handle, heads, metric)
     B = len(target)
+    if max_rows is None:  # chunk by the memory budget
+        suffix = int(target.tokens.shape[1] - tpos.min()) if int(tpos.min()) > 0 else None
+        max_rows = max(B, rows_for_budget(handle, target, memory_budget_mb, suffix))
     if max_rows < B:
         raise MechcliffError(f"max_rows ({max_rows}) must be at least the number of examples ({B})")
     src_z = _source_z(handle, source, spos)
@@ -411,7 +431,8 @@ class PositionPatchingResult(Result):
 def patch_positions(
     handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
     offsets: Sequence[int] = (-4, -3, -2, -1, 0), target_anchor: Any = "think_end", source_anchor: Any = "think_end",
-    metric_position: Any = "think_end", layers: Sequence[int] | None = None, max_rows: int = 64,
+    metric_position: Any = "think_end", layers: Sequence[int] | None = None, max_rows: int | None = None,
+    memory_budget_mb: float = 2048.0,
 ) -> PositionPatchingResult:
     """A ``[layer, offset]`` grid: patch ``site`` of layer ``l`` at ``anchor + offset`` (per example, in both runs)
     from source into target, one index per replica, recomputing only the suffix after the earliest patched token."""
@@ -422,6 +443,8 @@ def patch_positions(
     B = len(target)
     if len(source) != B:
         raise MechcliffError(f"source ({len(source)}) and target ({B}) must be paired example by example")
+    if max_rows is None:
+        max_rows = max(B, rows_for_budget(handle, target, memory_budget_mb))
     if max_rows < B:
         raise MechcliffError(f"max_rows ({max_rows}) must be at least the number of examples ({B})")
     ta, sa, mpos = target.position(target_anchor), source.position(source_anchor), target.position(metric_position)

@@ -158,3 +158,15 @@ def test_position_patching_bad_offsets(organism):
         patch_positions(organism, target, source, ProbeMetric(_random_probe(organism, 3)), offsets=(1,))
     with pytest.raises(MechcliffError, match="site"):
         patch_positions(organism, target, source, ProbeMetric(_random_probe(organism, 3)), site="q")
+
+
+def test_memory_budget_sets_the_chunk_size(organism):
+    import mechcliff.patching as pm
+
+    target, source = _pair(organism)
+    metric = ProbeMetric(_random_probe(organism, 3))
+    small, large = pm.rows_for_budget(organism, target, 1.0), pm.rows_for_budget(organism, target, 1000.0)
+    assert 1 <= small < large
+    ref = patch_heads(organism, target, source, metric, max_rows=64)
+    tight = patch_heads(organism, target, source, metric, memory_budget_mb=0.001)  # floor: one head per forward
+    np.testing.assert_allclose(tight.per_example, ref.per_example, atol=1e-5)
