@@ -229,24 +229,40 @@ def patch_heads(
                           metric=metric.name, model_id=handle.model_id)
 
 
+def _suffix_forward(handle: Any, target: EncodedBatch, P: int, prefix_cache: Any, K: int, hooks: list,
+                    metric: Any, local_pos: torch.Tensor) -> torch.Tensor:
+    """Run tokens ``P:`` of ``target`` replicated ``K`` times (row = example * K + replica) on a copy of the
+    prefix KV cache (none when ``P == 0``) with ``hooks``; return the metric as ``[example, replica]``."""
+    import copy
+
+    kw: dict[str, Any] = {}
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(K)
+        kw["past_key_values"] = cache
+    store: dict[str, torch.Tensor] = {}
+    pos = local_pos.repeat_interleave(K)
+    logits = handle.bridge.run_with_hooks(
+        target.tokens[:, P:].repeat_interleave(K, 0), attention_mask=target.attention_mask.repeat_interleave(K, 0),
+        fwd_hooks=hooks + metric.hooks(pos, store), **kw,
+    )
+    return metric.from_logits(logits, pos, store).reshape(len(target), K)
+
+
 def _patch_suffix(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
                   todo: list[tuple[int, int]], max_rows: int, out: np.ndarray, progress: bool) -> torch.Tensor:
     """KV-cache the prefix before the earliest patch position once; recompute only the suffix per chunk."""
-    import copy
-
     from tqdm.auto import tqdm
 
     B, P = len(target), int(tpos.min())
     target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos, [])
     _, prefix_cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
                                     return_type="logits_and_cache")
-    suffix, local = target.tokens[:, P:], tpos - P
+    local = tpos - P
     per_forward = max(1, max_rows // B)
     chunks = [todo[i:i + per_forward] for i in range(0, len(todo), per_forward)]
     for chunk in tqdm(chunks, desc="patching", disable=not progress, leave=False):
         K = len(chunk)
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(K)  # row = example * K + replica
         ex = torch.arange(B).repeat_interleave(K)
         rep = torch.arange(K).repeat(B)
         hooks = []
@@ -262,13 +278,7 @@ def _patch_suffix(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: 
                 return z
 
             hooks.append((f"blocks.{l}.attn.hook_z", patch_hook))
-        store: dict[str, torch.Tensor] = {}
-        pos = local[ex]
-        logits = handle.bridge.run_with_hooks(
-            suffix.repeat_interleave(K, 0), attention_mask=target.attention_mask.repeat_interleave(K, 0),
-            past_key_values=cache, fwd_hooks=hooks + metric.hooks(pos, store),
-        )
-        vals_out = metric.from_logits(logits, pos, store).reshape(B, K)
+        vals_out = _suffix_forward(handle, target, P, prefix_cache, K, hooks, metric, local)
         for k, (l, h) in enumerate(chunk):
             out[:, l, h] = vals_out[:, k].numpy()
     return target_metric
@@ -436,8 +446,6 @@ def patch_positions(
 ) -> PositionPatchingResult:
     """A ``[layer, offset]`` grid: patch ``site`` of layer ``l`` at ``anchor + offset`` (per example, in both runs)
     from source into target, one index per replica, recomputing only the suffix after the earliest patched token."""
-    import copy
-
     if site not in SITES:
         raise MechcliffError(f"site must be one of {', '.join(SITES)}, not {site!r}")
     B = len(target)
@@ -494,17 +502,7 @@ def patch_positions(
                 return x
 
             hooks.append((SITES[site].format(l=l), patch_hook))
-        store: dict[str, torch.Tensor] = {}
-        pos = (mpos - P)[ex]
-        kw: dict[str, Any] = {}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(K)
-            kw["past_key_values"] = cache
-        logits = handle.bridge.run_with_hooks(target.tokens[:, P:].repeat_interleave(K, 0),
-                                              attention_mask=target.attention_mask.repeat_interleave(K, 0),
-                                              fwd_hooks=hooks + metric.hooks(pos, store), **kw)
-        vals_out = metric.from_logits(logits, pos, store).reshape(B, K)
+        vals_out = _suffix_forward(handle, target, P, prefix_cache, K, hooks, metric, mpos - P)
         for k, (l, j) in enumerate(chunk):
             out[:, l, j] = vals_out[:, k].numpy()
     return PositionPatchingResult(per_example=out, target=target_metric.numpy(), source=source_metric.numpy(),
