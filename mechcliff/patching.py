@@ -229,6 +229,25 @@ def patch_heads(
                           metric=metric.name, model_id=handle.model_id)
 
 
+def _prefix_cache(handle: Any, target: EncodedBatch, P: int) -> Any:
+    """KV cache of the target's first ``P`` tokens (``None`` when ``P == 0``)."""
+    if P == 0:
+        return None
+    _, cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
+                             return_type="logits_and_cache")
+    return cache
+
+
+def _rows_of_layer(chunk: Sequence[tuple[int, int]], B: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In a chunk replicated as rows ``example * K + replica``, the rows whose index ``(layer, i)`` patches ``layer``:
+    returns those rows, their examples, and their second index ``i`` (a head or an offset)."""
+    K = len(chunk)
+    ex = torch.arange(B).repeat_interleave(K)
+    rep = torch.arange(K).repeat(B)
+    rows = torch.tensor([chunk[k][0] == layer for k in range(K)])[rep].nonzero().flatten()
+    return rows, ex[rows], torch.tensor([chunk[k][1] for k in range(K)])[rep[rows]]
+
+
 def _suffix_forward(handle: Any, target: EncodedBatch, P: int, prefix_cache: Any, K: int, hooks: list,
                     metric: Any, local_pos: torch.Tensor) -> torch.Tensor:
     """Run tokens ``P:`` of ``target`` replicated ``K`` times (row = example * K + replica) on a copy of the
@@ -256,25 +275,20 @@ def _patch_suffix(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: 
 
     B, P = len(target), int(tpos.min())
     target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos, [])
-    _, prefix_cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
-                                    return_type="logits_and_cache")
+    prefix_cache = _prefix_cache(handle, target, P)
     local = tpos - P
     per_forward = max(1, max_rows // B)
     chunks = [todo[i:i + per_forward] for i in range(0, len(todo), per_forward)]
     for chunk in tqdm(chunks, desc="patching", disable=not progress, leave=False):
         K = len(chunk)
-        ex = torch.arange(B).repeat_interleave(K)
-        rep = torch.arange(K).repeat(B)
         hooks = []
         for l in sorted({l for l, _ in chunk}):
-            sel = torch.tensor([chunk[k][0] == l for k in range(K)])[rep]
-            rows = sel.nonzero().flatten()
-            hs = torch.tensor([chunk[k][1] for k in range(K)])[rep[rows]]
-            vals = src_z[ex[rows], l, hs]
+            rows, ex, hs = _rows_of_layer(chunk, B, l)
+            vals, where = src_z[ex, l, hs], local[ex]
 
-            def patch_hook(z: torch.Tensor, hook: Any, rows=rows, hs=hs, vals=vals) -> torch.Tensor:
+            def patch_hook(z: torch.Tensor, hook: Any, rows=rows, hs=hs, vals=vals, where=where) -> torch.Tensor:
                 z = z.clone()
-                z[rows, local[ex[rows]], hs] = vals.to(z.dtype)
+                z[rows, where, hs] = vals.to(z.dtype)
                 return z
 
             hooks.append((f"blocks.{l}.attn.hook_z", patch_hook))
@@ -480,21 +494,14 @@ def patch_positions(
     out = np.full((B, handle.n_layers, len(offs)), np.nan)
     todo = [(l, j) for l in layer_list for j in range(len(offs))]
     per_forward = max(1, max_rows // B)
-    prefix_cache = None
-    if P > 0:
-        _, prefix_cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
-                                        return_type="logits_and_cache")
+    prefix_cache = _prefix_cache(handle, target, P)
     for i in range(0, len(todo), per_forward):
         chunk = todo[i:i + per_forward]
         K = len(chunk)
-        ex = torch.arange(B).repeat_interleave(K)
-        rep = torch.arange(K).repeat(B)
         hooks = []
         for l in sorted({l for l, _ in chunk}):
-            sel = torch.tensor([chunk[k][0] == l for k in range(K)])[rep]
-            r = sel.nonzero().flatten()
-            j = torch.tensor([chunk[k][1] for k in range(K)])[rep[r]]
-            vals, where = src[l][ex[r], j], tp[ex[r], j] - P
+            r, ex, j = _rows_of_layer(chunk, B, l)
+            vals, where = src[l][ex, j], tp[ex, j] - P
 
             def patch_hook(x: torch.Tensor, hook: Any, r=r, vals=vals, where=where) -> torch.Tensor:
                 x = x.clone()
