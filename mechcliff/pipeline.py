@@ -56,6 +56,16 @@ class RunConfig:
         """Read a JSON or TOML config. Options not in the file keep the per-model defaults of
         :func:`default_config`; relative prompt paths are resolved from the config file's folder."""
         path = Path(path)
+        data = cls._read_mapping(path)
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        if isinstance(data.get("prompts"), dict):
+            data["prompts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
+                               for g, f in data["prompts"].items()}
+        return cls.from_dict(data, source=str(path))
+
+    @staticmethod
+    def _read_mapping(path: Path) -> dict[str, Any]:
+        """The options in a JSON or TOML file, as a dict; unreadable files are MechcliffErrors."""
         if not path.exists():
             raise MechcliffError(f"config file not found: {path}")
         text = path.read_text()
@@ -74,11 +84,7 @@ class RunConfig:
             raise MechcliffError(f"cannot parse config {path}: {exc}") from None
         if not isinstance(data, dict):
             raise MechcliffError(f"{path}: a config must be a mapping of options, not {type(data).__name__}")
-        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        if isinstance(data.get("prompts"), dict):
-            data["prompts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
-                               for g, f in data["prompts"].items()}
-        return cls.from_dict(data, source=str(path))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":

@@ -11,6 +11,11 @@ Accepted specs:
 * a Hugging Face hub id (works online; offline it fails with a message that says so);
 * an already-built HF model: ``load_model(model=hf_model, tokenizer=tokenizer, name="my-model")``.
 
+``adapter=FOLDER`` applies fine-tuned weights written by :func:`mechcliff.repair.finetune` on top of the base
+model before the bridge boots: a PEFT LoRA adapter (merged into the weights) or the full weights of a full
+fine-tune. The handle's ``model_id`` stays the base spec (so chat format and organism ground truth are kept) and
+``handle.extra["adapter"]`` names the folder.
+
 Every load boots a TransformerLens 4 ``TransformerBridge`` on raw HF weights (results match the model users know)
 and runs :func:`mechcliff.model.conformance.check_conformance`.
 """
@@ -136,6 +141,45 @@ def _think_format(tokenizer: Any, name: str) -> ThinkFormat:
     return ThinkFormat()
 
 
+def load_hf_model(spec: str | os.PathLike[str], *, seed: int = 0, log: Any = None) -> tuple[Any, Any, str, dict[str, Any]]:
+    """The plain Hugging Face model and tokenizer behind ``spec`` (no bridge): ``(hf, tokenizer, model_id, extra)``.
+
+    Fine-tuning (:mod:`mechcliff.repair`) trains such a fresh copy; :func:`load_model` wraps one in a bridge.
+    """
+    _quiet_transformers()
+    spec_s = os.fspath(spec)
+    model_id = spec_s
+    extra: dict[str, Any] = {}
+    if spec_s == "organism":
+        from mechcliff.model.organism import build_organism
+
+        hf, tok, truth = build_organism(seed=seed)
+        extra["ground_truth"] = truth
+    elif spec_s.lower() in ALIASES:
+        hf, tok = _load_hf_folder(str(convert_gguf(find_packaged_gguf(spec_s.lower()), log=log)))
+        model_id = spec_s.lower()
+    elif spec_s.endswith(".gguf") or Path(spec_s).expanduser().exists() or spec_s.startswith((".", "/", "~")):
+        path = Path(spec_s).expanduser()
+        if not path.exists():
+            raise MechcliffError(f"model path not found: {path}")
+        if path.is_file() and path.suffix == ".gguf":
+            hf, tok = _load_hf_folder(str(convert_gguf(path, log=log)))
+        elif path.is_dir():
+            if not (path / "config.json").exists():
+                raise MechcliffError(f"{path} is not a Hugging Face model folder (no config.json)")
+            hf, tok = _load_hf_folder(str(path))
+        else:
+            raise MechcliffError(f"{path} is neither a model folder nor a .gguf file")
+    else:
+        hf, tok = _load_hf_folder(spec_s)
+    if not getattr(hf.config, "architectures", None):
+        hf.config.architectures = [type(hf).__name__]  # GGUF loads leave it empty; the bridge needs it
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return hf, tok, model_id, extra
+
+
 def load_model(
     spec: str | os.PathLike[str] | None = None,
     *,
@@ -146,45 +190,28 @@ def load_model(
     check: bool = True,
     seed: int = 0,
     verbose: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> ModelHandle:
     """Load a model (see module docstring for the accepted ``spec`` forms) and return a :class:`ModelHandle`."""
     _quiet_transformers()
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else None
-    extra: dict[str, Any] = {}
     if model is not None:
         if tokenizer is None:
             raise MechcliffError("load_model(model=...) also needs tokenizer=...")
         hf, tok, model_id = model, tokenizer, name or getattr(model.config, "_name_or_path", None) or "custom"
+        extra: dict[str, Any] = {}
     elif spec is None:
         raise MechcliffError("load_model needs a model: 'organism', a folder, a .gguf file, a hub id, or model=...")
     else:
-        spec_s = os.fspath(spec)
-        model_id = name or spec_s
-        if spec_s == "organism":
-            from mechcliff.model.organism import build_organism
-
-            hf, tok, truth = build_organism(seed=seed)
-            extra["ground_truth"] = truth
-        elif spec_s.lower() in ALIASES:
-            hf, tok = _load_hf_folder(str(convert_gguf(find_packaged_gguf(spec_s.lower()), log=log)))
-            model_id = name or spec_s.lower()
-        elif spec_s.endswith(".gguf") or Path(spec_s).expanduser().exists() or spec_s.startswith((".", "/", "~")):
-            path = Path(spec_s).expanduser()
-            if not path.exists():
-                raise MechcliffError(f"model path not found: {path}")
-            if path.is_file() and path.suffix == ".gguf":
-                hf, tok = _load_hf_folder(str(convert_gguf(path, log=log)))
-            elif path.is_dir():
-                if not (path / "config.json").exists():
-                    raise MechcliffError(f"{path} is not a Hugging Face model folder (no config.json)")
-                hf, tok = _load_hf_folder(str(path))
-            else:
-                raise MechcliffError(f"{path} is neither a model folder nor a .gguf file")
-        else:
-            hf, tok = _load_hf_folder(spec_s)
+        hf, tok, model_id, extra = load_hf_model(spec, seed=seed, log=log)
+        model_id = name or model_id
+        extra["spec"], extra["seed"] = os.fspath(spec), seed
+    if adapter is not None:
+        hf = apply_adapter(hf, adapter)
+        extra["adapter"] = str(Path(adapter))
     hf = hf.to(device).eval()
     if not getattr(hf.config, "architectures", None):
-        hf.config.architectures = [type(hf).__name__]  # GGUF loads leave it empty; the bridge needs it
+        hf.config.architectures = [type(hf).__name__]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -201,6 +228,35 @@ def load_model(
         if log:
             log(handle.conformance.summary())
     return handle
+
+
+def apply_adapter(hf: Any, adapter: str | os.PathLike[str]) -> Any:
+    """Return ``hf`` with the fine-tuned weights in folder ``adapter`` applied (LoRA merged, or full weights)."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise MechcliffError(f"adapter folder not found: {path}")
+    if (path / "adapter").is_dir() and not (path / "adapter_config.json").exists():
+        path = path / "adapter"  # a fine-tuning folder written by mechcliff.repair.finetune
+    full = path / "model.safetensors"
+    try:
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return PeftModel.from_pretrained(hf, str(path)).merge_and_unload()
+        if full.exists():
+            from safetensors.torch import load_model as load_weights
+
+            missing, unexpected = load_weights(hf, str(full), strict=False)
+            if unexpected or len(missing) == len(hf.state_dict()):
+                raise MechcliffError(f"{full} holds weights of another model ({len(unexpected)} unknown tensors)")
+            return hf
+    except MechcliffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - shape mismatches and corrupt files surface from deep inside peft/torch
+        raise MechcliffError(f"cannot apply adapter {path} to this model: {type(exc).__name__}: {exc}") from None
+    raise MechcliffError(f"{path} holds no adapter (no adapter_config.json or model.safetensors)")
 
 
 def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
