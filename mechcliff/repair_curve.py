@@ -1,0 +1,556 @@
+"""The Cliff-as-a-Judge experiment: ASR after repair against the fraction of safety data used, per selection method.
+
+``repair_curve(model, out)`` (command: ``mechcliff repair-curve``), after arXiv 2510.06036 §1.8 / Fig. 7:
+
+1. Split the prompts (seeded): part of each attack group becomes the *candidate pool*, the rest is held out for
+   evaluation; harmless prompts are split into a *mix* set (ordinary training examples) and an evaluation set.
+2. Roll out the unrepaired model on every set, judge each answer (refusal-phrase judge), fit the refusal probe
+   (harmless vs plain harmful rollouts; or load one) and score every candidate: plateau, final score, MS.
+3. For each method (``cliff``, ``random``, ``final_score``, ``rule``, ``all``), each budget and each training
+   seed: select, fine-tune a fresh copy (LoRA, :mod:`mechcliff.repair`), generate on the held-out prompts and
+   measure ASR (held-out attack prompts not refused), harmless refusal, and capability: perplexity of the
+   unrepaired model's own harmless continuations (thinking and answer) under the repaired model.
+4. Pool the seeds per point (ASR with a Wilson interval over all judged answers of all seeds) and write
+   ``curve.json`` (``points`` and ``unrepaired``), ``points.csv``, ``figures/repair_curve.{json,html}``,
+   ``report.html`` and the :class:`RepairCurve` result (``curve/``), which re-plots without the model.
+
+Every point is appended to ``points.jsonl`` as soon as it is measured; re-running the command skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from mechcliff.data import (Prompt, Rollout, atomic_write_text, builtin_prompts, content_hash, load_prompts,
+                            load_rollouts, save_rollouts)
+from mechcliff.errors import MechcliffError
+from mechcliff.results import Result
+from mechcliff.selection import METHODS, CandidatePool, Selection, select
+from mechcliff.stats import Rate
+
+POINT_FIELDS = ("method", "fraction", "asr", "asr_low", "asr_high", "harmless_refusal", "capability")
+
+
+@dataclasses.dataclass
+class RepairCurveConfig:
+    """Options of the experiment (JSON/TOML with :meth:`from_file`; unknown keys are errors)."""
+
+    model: str = "organism"
+    attack: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"harmful": "", "harmful_jailbreak": ""})  # group -> prompt file ("" = built-in)
+    harmless: str = ""  # prompt file ("" = built-in)
+    eval_fraction: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"harmful": 0.25, "harmful_jailbreak": 0.5, "harmless": 0.5})
+    n_per_group: int | None = None
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.25, 0.5])
+    seeds: int = 3
+    plateau: str = "mean"
+    stratify: bool = False
+    dedupe: bool = True
+    mix_ratio: float = 1.0
+    probe: str | None = None  # a saved probe folder; None fits one on the unrepaired rollouts
+    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # FinetuneConfig options
+    max_think_tokens: int = 48
+    max_answer_tokens: int = 32
+    batch_size: int = 16
+    seed: int = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "RepairCurveConfig":
+        from mechcliff.pipeline import RunConfig
+
+        data = RunConfig._read_mapping(Path(path))
+        base = Path(path).parent
+        for key in ("attack",):
+            if isinstance(data.get(key), dict):
+                data[key] = {g: (str((base / f).resolve()) if f and not Path(f).is_absolute() else f)
+                             for g, f in data[key].items()}
+        if isinstance(data.get("harmless"), str) and data["harmless"] and not Path(data["harmless"]).is_absolute():
+            data["harmless"] = str((base / data["harmless"]).resolve())
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RepairCurveConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MechcliffError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        model = data.get("model", "organism")
+        if not isinstance(model, str):
+            raise MechcliffError(f"{source}: option 'model' must be a string, got {model!r}")
+        cfg = default_repair_config(model)
+        defaults = dataclasses.asdict(cfg)
+        for k, v in data.items():
+            want = type(defaults[k]) if defaults[k] is not None else None
+            if want in (dict, list) and not isinstance(v, want):
+                raise MechcliffError(f"{source}: option '{k}' must be a {'mapping' if want is dict else 'list'}, got {v!r}")
+            setattr(cfg, k, v)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        from mechcliff.repair import FinetuneConfig
+
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise MechcliffError(f"{source}: methods must be some of {', '.join(METHODS)}; got {self.methods}")
+        for f in self.fractions:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
+                raise MechcliffError(f"{source}: every fraction must be in (0, 1]; got {f!r}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise MechcliffError(f"{source}: seeds must be an integer >= 1")
+        if self.plateau not in ("mean", "max"):
+            raise MechcliffError(f"{source}: plateau must be 'mean' or 'max'")
+        for g, f in self.eval_fraction.items():
+            if not (0 <= float(f) < 1):
+                raise MechcliffError(f"{source}: eval_fraction.{g} must be in [0, 1)")
+        if not self.attack:
+            raise MechcliffError(f"{source}: at least one attack prompt group is needed")
+        try:
+            FinetuneConfig(**self.finetune).validate()
+        except TypeError as exc:
+            raise MechcliffError(f"{source}: finetune: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_repair_config(model: str = "organism") -> RepairCurveConfig:
+    """Per-model defaults: the organism trains at lr 3e-3 (its hand-set weights are large); real models at 1e-4,
+    with fewer budgets and one seed so that a CPU run stays within an hour."""
+    cfg = RepairCurveConfig(model=model)
+    if model == "organism":
+        cfg.finetune = {"lr": 3e-3}
+    else:
+        cfg.finetune = {"lr": 1e-4}
+        cfg.fractions, cfg.seeds, cfg.n_per_group = [0.05, 0.1, 0.25, 0.5], 1, 40
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- the result
+
+
+@dataclasses.dataclass
+class RepairCurve(Result):
+    """ASR after repair against the fraction of the candidate pool used, one line per selection method."""
+
+    KIND = "repair_curve"
+    points: list[dict[str, Any]]
+    unrepaired: dict[str, Any]
+    pool_size: int
+    model_id: str
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def methods(self) -> list[str]:
+        return [m for m in METHODS if any(p["method"] == m for p in self.points)]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.points)
+
+    def plot(self):
+        """The paper's Fig. 7 layout: ASR (with 95% intervals) against % of the pool, log x; the unrepaired ASR
+        dashed; ``all`` as a marker at 100% with a dotted reference line."""
+        import plotly.graph_objects as go
+
+        from mechcliff.plotting import OKABE_ITO, TEMPLATE
+
+        fig = go.Figure()
+        colors = dict(zip(METHODS, OKABE_ITO))
+        for m in self.methods():
+            pts = sorted((p for p in self.points if p["method"] == m), key=lambda p: p["fraction"])
+            x = [100 * p["fraction"] for p in pts]
+            y = [p["asr"] for p in pts]
+            err = dict(type="data", symmetric=False, array=[p["asr_high"] - p["asr"] for p in pts],
+                       arrayminus=[p["asr"] - p["asr_low"] for p in pts], thickness=1)
+            fig.add_trace(go.Scatter(x=x, y=y, error_y=err, mode="lines+markers" if m != "all" else "markers",
+                                     name={"cliff": "Cliff-as-a-Judge", "final_score": "final score (authors' code)",
+                                           "rule": "keyword rule", "random": "random", "all": "all data"}[m],
+                                     line=dict(color=colors[m]), marker=dict(size=9 if m == "all" else 7,
+                                                                             symbol="star" if m == "all" else "circle")))
+            if m == "all":
+                fig.add_hline(y=y[0], line=dict(color=colors[m], dash="dot", width=1))
+        fig.add_hline(y=self.unrepaired["asr"], line=dict(color="#555555", dash="dash", width=1),
+                      annotation_text="unrepaired", annotation_position="top left")
+        fig.update_xaxes(type="log", title="training data (% of the candidate pool)", ticksuffix="%")
+        fig.update_yaxes(title="attack success rate (held-out attacks)", range=[-0.02, 1.02])
+        fig.update_layout(template=TEMPLATE, title=f"Repair with selected safety data ({self.model_id}, pool of "
+                          f"{self.pool_size})", legend_title_text="selection")
+        return fig
+
+    def table_rows(self) -> list[list[object]]:
+        rows = [["unrepaired", "0%", *self._cells(self.unrepaired)]]
+        for m in self.methods():
+            for p in sorted((p for p in self.points if p["method"] == m), key=lambda p: p["fraction"]):
+                rows.append([m, f"{100 * p['fraction']:g}% (n={p.get('n_selected', '?')})", *self._cells(p)])
+        return rows
+
+    TABLE_HEADER: ClassVar[list[str]] = ["method", "budget", "ASR", "95% CI", "harmless refusal", "capability (ppl)",
+                                         "capability ratio", "seeds"]
+
+    @staticmethod
+    def _cells(p: dict[str, Any]) -> list[object]:
+        return [round(p["asr"], 3), f"[{p['asr_low']:.2f}, {p['asr_high']:.2f}]", round(p["harmless_refusal"], 3),
+                round(p["capability"], 4), round(p.get("capability_ratio", 1.0), 4), p.get("seeds", "")]
+
+    def less_is_more(self) -> dict[str, Any]:
+        """The smallest budget at which Cliff-as-a-Judge reaches the ASR of training on all candidates, and random
+        selection's ASR at the same budgets (``None`` when a method or the ``all`` point is missing)."""
+        allp = [p for p in self.points if p["method"] == "all"]
+        cliff = sorted((p for p in self.points if p["method"] == "cliff"), key=lambda p: p["fraction"])
+        rand = {p["fraction"]: p["asr"] for p in self.points if p["method"] == "random"}
+        if not allp or not cliff:
+            return {"all_asr": None, "cliff_reaches_all_at": None}
+        target = allp[0]["asr"]
+        reach = next((p["fraction"] for p in cliff if p["asr"] <= target + 1e-9), None)
+        return {"all_asr": target, "cliff_reaches_all_at": reach,
+                "cliff_vs_random": [{"fraction": p["fraction"], "cliff": p["asr"], "random": rand.get(p["fraction"])}
+                                    for p in cliff]}
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        lim = self.less_is_more()
+        return [("model", self.model_id), ("pool", str(self.pool_size)),
+                ("unrepaired ASR", f"{self.unrepaired['asr']:.2f}"),
+                ("all-data ASR", "n/a" if lim["all_asr"] is None else f"{lim['all_asr']:.2f}"),
+                ("cliff reaches all-data ASR at", "never" if lim["cliff_reaches_all_at"] is None
+                 else f"{100 * lim['cliff_reaches_all_at']:g}% of the pool")]
+
+
+# --------------------------------------------------------------------------------------------- the experiment
+
+
+def _split(items: list[Prompt], eval_fraction: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """Seeded split into (train, eval); both non-empty when there are at least two items and 0 < fraction."""
+    rng = np.random.default_rng(seed)
+    perm = [int(i) for i in rng.permutation(len(items))]
+    n_eval = int(round(eval_fraction * len(items)))
+    if eval_fraction > 0:
+        n_eval = min(max(n_eval, 1), len(items) - 1)
+    ev = sorted(perm[:n_eval])
+    tr = sorted(perm[n_eval:])
+    return [items[i] for i in tr], [items[i] for i in ev]
+
+
+def _point_key(method: str, fraction: float, seed: int) -> str:
+    return f"{method}-{fraction:g}-s{seed}"
+
+
+class RepairCurveRun:
+    """The run folder of :func:`repair_curve` (see the module docstring)."""
+
+    def __init__(self, out: str | Path, cfg: RepairCurveConfig, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.dir = Path(out)
+        self.cfg = cfg
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.handle: Any = None
+        if self.dir.exists() and not self.dir.is_dir():
+            raise MechcliffError(f"--out {self.dir} exists and is not a folder")
+        man = self.dir / "manifest.json"
+        if man.exists():
+            try:
+                old = json.loads(man.read_text())
+            except (OSError, ValueError) as exc:
+                raise MechcliffError(f"cannot read {man} ({exc}); choose another --out") from None
+            if not isinstance(old, dict) or "mechcliff_repair_curve" not in old:
+                raise MechcliffError(f"{self.dir} is not a repair-curve folder; choose another --out")
+            if old.get("data_hash") and old["data_hash"] != self._data_hash():
+                raise MechcliffError(f"{self.dir} holds a repair curve of another model, data or training setup; "
+                                     "choose another --out")
+
+    def _data_hash(self) -> str:
+        d = self.cfg.to_dict()
+        keep = ("model", "attack", "harmless", "eval_fraction", "n_per_group", "plateau", "stratify", "dedupe",
+                "mix_ratio", "probe", "finetune", "max_think_tokens", "max_answer_tokens", "seed")
+        return content_hash([{k: d[k] for k in keep}])
+
+    def model(self) -> Any:
+        if self.handle is None:
+            from mechcliff.model.loading import load_model
+
+            self.log(f"loading model '{self.cfg.model}' ...")
+            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True)
+        return self.handle
+
+    def gen(self, handle: Any, prompts: list[Prompt], desc: str) -> list[Rollout]:
+        from mechcliff.generation import generate_rollouts
+
+        return generate_rollouts(handle, prompts, max_think_tokens=self.cfg.max_think_tokens,
+                                 max_answer_tokens=self.cfg.max_answer_tokens, seed=self.cfg.seed,
+                                 batch_size=self.cfg.batch_size, progress=self.progress, desc=desc)
+
+    # ---- data ----
+    def prompt_sets(self) -> dict[str, list[Prompt]]:
+        c = self.cfg
+        sets: dict[str, list[Prompt]] = {"pool": [], "eval_attack": []}
+        for g, src in c.attack.items():
+            items = builtin_prompts(g) if not src else load_prompts(src, group=g)
+            for p in items:
+                p.group = g
+            items = items[: c.n_per_group] if c.n_per_group else items
+            if not items:
+                raise MechcliffError(f"attack prompt group '{g}' is empty")
+            tr, ev = _split(items, float(c.eval_fraction.get(g, 0.5)), c.seed)
+            sets["pool"] += tr
+            sets["eval_attack"] += ev
+        hl = builtin_prompts("harmless") if not c.harmless else load_prompts(c.harmless, group="harmless")
+        hl = hl[: c.n_per_group] if c.n_per_group else hl
+        if len(hl) < 2:
+            raise MechcliffError("the harmless prompt set needs at least 2 prompts (training mix and evaluation)")
+        for p in hl:
+            p.group = "harmless"
+        sets["mix"], sets["eval_harmless"] = _split(hl, float(c.eval_fraction.get("harmless", 0.5)) or 0.5, c.seed)
+        if not sets["eval_attack"]:
+            raise MechcliffError("no held-out attack prompts: set eval_fraction above 0 for at least one attack group")
+        return sets
+
+    def _judged(self, rolls: list[Rollout]) -> list[Rollout]:
+        from mechcliff.judges import get_judge
+
+        for r, f in zip(rolls, get_judge("refusal").judge_many([r.response for r in rolls])):
+            r.meta["refused"] = bool(f)
+        return rolls
+
+    # ---- measurement ----
+    def evaluate(self, handle: Any, eval_harmless_base: list[Rollout], attack: list[Rollout] | None = None,
+                 harmless: list[Rollout] | None = None, sets: dict[str, list[Prompt]] | None = None) -> dict[str, Any]:
+        """Judged counts and capability of ``handle`` (generating on the held-out prompts unless given)."""
+        from mechcliff.generation import encode_rollouts
+        from mechcliff.sweep import continuation_loss
+
+        if attack is None:
+            attack = self._judged(self.gen(handle, sets["eval_attack"], "eval attack"))
+            harmless = self._judged(self.gen(handle, sets["eval_harmless"], "eval harmless"))
+        loss = continuation_loss(handle, encode_rollouts(handle, eval_harmless_base), self.cfg.batch_size)
+        k = sum(not r.meta["refused"] for r in attack)
+        by_group: dict[str, list[int]] = {}
+        for r in attack:
+            by_group.setdefault(r.group or "", [0, 0])
+            by_group[r.group or ""][0] += int(not r.meta["refused"])
+            by_group[r.group or ""][1] += 1
+        return {"asr_k": k, "asr_n": len(attack), "harmless_k": sum(r.meta["refused"] for r in harmless),
+                "harmless_n": len(harmless), "capability_loss": loss, "capability": math.exp(loss),
+                "asr_by_group": by_group}
+
+    # ---- the run ----
+    def run(self) -> RepairCurve:
+        from mechcliff.repair import FinetuneConfig, build_examples, finetune, refusal_answer
+
+        c = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        t_start = time.time()
+        sets = self.prompt_sets()
+        self._manifest(sets, "running")
+        rdir = self.dir / "rollouts"
+        if not all((rdir / f"{name}.jsonl").exists() for name in sets):
+            h = self.model()
+            for name, prompts in sets.items():
+                if not (rdir / f"{name}.jsonl").exists():
+                    self.log(f"[rollouts] {name}: {len(prompts)} prompts")
+                    save_rollouts(self._judged(self.gen(h, prompts, name)), rdir / f"{name}.jsonl")
+        rolls = {name: load_rollouts(rdir / f"{name}.jsonl") for name in sets}
+        pool = self._pool(rolls)
+        refusal = refusal_answer(rolls["pool"] + rolls["eval_attack"])
+        self.log(f"[pool] {len(pool)} candidates; refusal target: {refusal!r}")
+        unrep_path = self.dir / "unrepaired.json"
+        if unrep_path.exists():
+            unrepaired = json.loads(unrep_path.read_text())
+        else:
+            unrepaired = self.evaluate(self.model(), rolls["eval_harmless"], rolls["eval_attack"], rolls["eval_harmless"])
+            atomic_write_text(unrep_path, json.dumps(unrepaired, indent=1))
+        done = self._done_points()
+        todo = [(m, f, s) for m in c.methods for f in ([1.0] if m == "all" else c.fractions) for s in range(c.seeds)
+                if _point_key(m, f, s) not in done]
+        if todo:
+            self.log(f"[curve] {len(todo)} fine-tunes to run ({len(done)} already done)")
+        for i, (m, f, s) in enumerate(todo):
+            key = _point_key(m, f, s)
+            t = time.time()
+            sel = select(pool, m, fraction=None if m == "all" else f, plateau=c.plateau, stratify=c.stratify,
+                         dedupe=c.dedupe, seed=c.seed + s)
+            sel.save(self.dir / "selections" / key)
+            ex = build_examples(sel.rollouts(pool), rolls["mix"], refusal=refusal, mix_ratio=c.mix_ratio, seed=c.seed + s)
+            ft_cfg = FinetuneConfig(**{**c.finetune, "seed": c.seed + s})
+            ft = finetune(self.model(), ex, self.dir / "adapters" / key, ft_cfg, progress=self.progress,
+                          desc=f"[{i + 1}/{len(todo)}] {key}")
+            from mechcliff.model.loading import load_model
+
+            repaired = load_model(c.model, seed=c.seed, adapter=self.dir / "adapters" / key, check=False)
+            ev = self.evaluate(repaired, rolls["eval_harmless"], sets=sets)
+            groups = [r.group for r in sel.rollouts(pool)]
+            rec = {"key": key, "method": m, "fraction": f, "seed": s, "n_selected": len(sel),
+                   "selected_by_group": {g: groups.count(g) for g in sorted(set(groups), key=str)},
+                   "train_loss_first": float(ft.losses[0]), "train_loss_last": float(ft.losses[-1]),
+                   "steps": int(len(ft.losses)), "seconds": round(time.time() - t, 2), **ev}
+            with open(self.dir / "points.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            self.log(f"[curve] {key}: n={len(sel)} ASR {ev['asr_k']}/{ev['asr_n']}, harmless refused "
+                     f"{ev['harmless_k']}/{ev['harmless_n']}, ppl {ev['capability']:.4f}")
+        curve = self.aggregate(unrepaired, len(pool))
+        self._write_outputs(curve)
+        self._manifest(sets, "complete", time.time() - t_start)
+        return curve
+
+    def _pool(self, rolls: dict[str, list[Rollout]]) -> CandidatePool:
+        path = self.dir / "pool" / "candidates.jsonl"
+        if path.exists():
+            return load_pool(path)
+        from mechcliff.probe import LinearProbe
+
+        h = self.model()
+        if self.cfg.probe:
+            probe = LinearProbe.load(self.cfg.probe, h)
+        elif (self.dir / "probe" / "probe.json").exists():
+            probe = LinearProbe.load(self.dir / "probe", h)
+        else:
+            probe = self._fit_probe(h, rolls)
+            probe.save(self.dir / "probe")
+        from mechcliff.selection import score_pool
+
+        self.log(f"[pool] scoring {len(rolls['pool'])} candidates with the probe (layer {probe.layer})")
+        pool = score_pool(h, rolls["pool"], probe, batch_size=self.cfg.batch_size)
+        save_pool(pool, path)
+        return pool
+
+    def _fit_probe(self, h: Any, rolls: dict[str, list[Rollout]]) -> Any:
+        from mechcliff.generation import encode_rollouts
+        from mechcliff.probe import fit_probe
+
+        plain = [r for r in rolls["pool"] if r.group == "harmful"] or rolls["pool"]
+        data = rolls["mix"] + plain
+        behaviour = [int(r.meta.get("refused", False)) for r in data]
+        source = "behaviour" if min(np.bincount(behaviour, minlength=2)) >= 4 else "dataset"
+        labels = behaviour if source == "behaviour" else [int(r.group != "harmless") for r in data]
+        self.log(f"[probe] fitting on {len(data)} rollouts ({source} labels)")
+        return fit_probe(h, encode_rollouts(h, data), labels, seed=self.cfg.seed, label_source=source,
+                         batch_size=self.cfg.batch_size)
+
+    def _done_points(self) -> dict[str, dict[str, Any]]:
+        path = self.dir / "points.jsonl"
+        done: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line from an interrupted run: that point is redone
+                done[rec["key"]] = rec
+        return done
+
+    def aggregate(self, unrepaired: dict[str, Any], pool_size: int) -> RepairCurve:
+        """Pool the seeds of each (method, fraction) into one point."""
+        recs = list(self._done_points().values())
+        wanted = {(m, f) for m in self.cfg.methods for f in ([1.0] if m == "all" else self.cfg.fractions)}
+        points = []
+        for m, f in sorted(wanted, key=lambda mf: (METHODS.index(mf[0]), mf[1])):
+            rs = [r for r in recs if r["method"] == m and r["fraction"] == f]
+            if rs:
+                points.append(_pooled(rs, m, f, unrepaired))
+        return RepairCurve(points=points, unrepaired=_pooled([unrepaired], "unrepaired", 0.0, unrepaired),
+                           pool_size=pool_size, model_id=self.cfg.model, config=self.cfg.to_dict())
+
+    def _write_outputs(self, curve: RepairCurve) -> None:
+        from mechcliff.report import html_table, write_report
+
+        keep = lambda p: {k: p[k] for k in p if k not in ("asr_by_group",)}  # noqa: E731
+        doc = {"points": [keep(p) for p in curve.points], "unrepaired": keep(curve.unrepaired),
+               "pool_size": curve.pool_size, "model": curve.model_id, "less_is_more": curve.less_is_more()}
+        atomic_write_text(self.dir / "curve.json", json.dumps(doc, indent=1))
+        curve.save(self.dir / "curve")
+        fig = curve.plot()
+        atomic_write_text(self.dir / "figures" / "repair_curve.json", fig.to_json())
+        df = curve.to_dataframe()
+        atomic_write_text(self.dir / "points.csv", df.drop(columns=["asr_by_group"], errors="ignore").to_csv(index=False))
+        write_report(self.dir / "report.html", title=f"Cliff-as-a-Judge repair curve: {curve.model_id}",
+                     summary_rows=curve.summary_rows(),
+                     sections=[("ASR against the fraction of safety data", fig),
+                               ("All points (seeds pooled)", html_table(RepairCurve.TABLE_HEADER, curve.table_rows()))],
+                     notes=["ASR: held-out attack prompts whose answer is not refused (refusal-phrase judge). "
+                            "Capability: perplexity of the unrepaired model's own harmless continuations."])
+
+    def _manifest(self, sets: dict[str, list[Prompt]], status: str, seconds: float | None = None) -> None:
+        from mechcliff.pipeline import versions
+
+        path = self.dir / "manifest.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        man = {"mechcliff_repair_curve": 1, "status": status, "command": " ".join(sys.argv),
+               "config": self.cfg.to_dict(), "data_hash": self._data_hash(), "versions": versions(),
+               "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "prompts": {k: {"n": len(v), "hash": content_hash([p.text for p in v])} for k, v in sets.items()},
+               "model": self.handle.describe() if self.handle is not None else old.get("model")}
+        if seconds is not None:
+            man["total_seconds"] = round(seconds, 1)
+        atomic_write_text(path, json.dumps(man, indent=1, default=str))
+
+
+def _pooled(rs: list[dict[str, Any]], method: str, fraction: float, unrepaired: dict[str, Any]) -> dict[str, Any]:
+    k, n = sum(r["asr_k"] for r in rs), sum(r["asr_n"] for r in rs)
+    hk, hn = sum(r["harmless_k"] for r in rs), sum(r["harmless_n"] for r in rs)
+    asr = Rate.of(k, n)
+    cap = float(np.mean([r["capability"] for r in rs]))
+    seed_asr = [r["asr_k"] / r["asr_n"] for r in rs]
+    return {"method": method, "fraction": fraction, "asr": asr.rate, "asr_low": asr.low, "asr_high": asr.high,
+            "harmless_refusal": hk / hn if hn else float("nan"), "capability": cap,
+            "capability_ratio": cap / unrepaired["capability"], "capability_loss": float(np.mean([r["capability_loss"] for r in rs])),
+            "seeds": len(rs), "asr_per_seed": seed_asr, "n_selected": rs[0].get("n_selected"),
+            "asr_n": n, "harmless_n": hn}
+
+
+def save_pool(pool: CandidatePool, path: str | Path) -> None:
+    """Write a scored pool as JSONL: each rollout with ``plateau_mean``, ``plateau_max``, ``final`` and ``ms``."""
+    lines = []
+    for r, pm, px, fi in zip(pool.rollouts, pool.plateau_mean, pool.plateau_max, pool.final):
+        d = r.to_dict()
+        d.update(plateau_mean=_num(pm), plateau_max=_num(px), final=_num(fi), ms=_num(pm - fi))
+        lines.append(json.dumps(d) + "\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def _num(v: float) -> float | None:
+    return None if not math.isfinite(float(v)) else float(v)
+
+
+def load_pool(path: str | Path) -> CandidatePool:
+    """Read a scored pool written by :func:`save_pool` (or any JSONL of rollouts with those fields)."""
+    path = Path(path)
+    if not path.exists():
+        raise MechcliffError(f"candidate pool file not found: {path}")
+    rolls, stats = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError as exc:
+            raise MechcliffError(f"{path}:{i + 1}: not JSON ({exc})") from None
+        if not isinstance(d, dict) or not all(k in d for k in ("plateau_mean", "plateau_max", "final")):
+            raise MechcliffError(f"{path}:{i + 1}: a scored candidate needs plateau_mean, plateau_max and final "
+                                 "(write the pool with mechcliff.repair_curve.save_pool)")
+        values = [d.pop(k) for k in ("plateau_mean", "plateau_max", "final")]
+        stats.append([np.nan if v is None else float(v) for v in values])
+        d.pop("ms", None)
+        rolls.append(Rollout.from_dict(d))
+    if not rolls:
+        raise MechcliffError(f"the candidate pool {path} is empty")
+    arr = np.asarray(stats, dtype=np.float64)
+    return CandidatePool(rolls, arr[:, 0], arr[:, 1], arr[:, 2])
+
+
+def repair_curve(model: str = "organism", out: str | Path = "runs/repair", *, config: RepairCurveConfig | None = None,
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> RepairCurve:
+    """Run (or resume) the Cliff-as-a-Judge repair-curve experiment; see the module docstring."""
+    cfg = config or default_repair_config(model)
+    return RepairCurveRun(out, cfg, progress=progress, log=log).run()
