@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.mechcliff-installed
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast test-integration bench clean-demo
+.PHONY: setup demo test test-fast test-integration bench clean-demo browser
 
 setup: $(STAMP)
 
@@ -41,3 +41,8 @@ bench: setup
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# A separate step, not part of setup (it needs root): Debian's chromium for `mechcliff plot` PDF/SVG/PNG export.
+# Does nothing when a browser is already there. Without root: $(BIN)/kaleido_get_chrome.
+browser:
+	bash scripts/install-browser.sh

@@ -45,6 +45,9 @@ _EXPORTS = {
     "probe_judge": "mechcliff.asr",
     "run_pipeline": "mechcliff.pipeline",
     "RunConfig": "mechcliff.pipeline",
+    "plot_run": "mechcliff.figures",
+    "load_saved": "mechcliff.figures",
+    "apply_style": "mechcliff.plotting",
     "MechcliffError": "mechcliff.errors",
     "Result": "mechcliff.results",
 }

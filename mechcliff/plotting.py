@@ -2,9 +2,14 @@
 
 Every function takes numpy / plain Python inputs and returns a
 ``plotly.graph_objects.Figure``; nothing here calls ``show()`` or writes files.
-All figures share one style, :data:`TEMPLATE` (registered in ``plotly.io.templates``
+All figures share one look, :data:`TEMPLATE` (registered in ``plotly.io.templates``
 as ``"mechcliff"``): a white background, the colour-blind-safe Okabe-Ito palette for
 categories and the diverging ``"RdBu_r"`` scale, centred at zero, for signed attributions.
+
+How figures look is defined in one place, :data:`STYLES` (a :class:`Style` per name): ``"notebook"`` (the
+template's fonts, for Jupyter and the HTML report) and ``"paper"`` (8 pt text, 7 pt ticks, one column = 3.5 in,
+two columns = 7.2 in, for PDF / SVG / PNG files). :func:`apply_style` restyles any figure, including those made
+by result classes' ``plot()``; :mod:`mechcliff.figures` uses it to export a run folder's figures.
 
 Text passed in (titles, group names) is shown literally: ``<`` and ``>`` are escaped,
 so a label such as ``"</think>"`` is displayed rather than parsed as markup.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,12 +32,18 @@ from mechcliff.errors import MechcliffError
 __all__ = [
     "DIVERGING_SCALE",
     "OKABE_ITO",
+    "PX_PER_INCH",
+    "SEQUENTIAL_SCALE",
+    "STYLES",
+    "Style",
     "TEMPLATE",
     "TEMPLATE_NAME",
+    "apply_style",
     "asr_bars",
     "cliff_curves",
     "cliff_histogram",
     "figure_to_html",
+    "get_style",
     "layer_head_heatmap",
     "probe_by_layer",
 ]
@@ -53,28 +65,103 @@ OKABE_ITO: tuple[str, ...] = (
 #: Diverging colour scale for signed attributions; always used with a symmetric range around 0.
 DIVERGING_SCALE = "RdBu_r"
 
+#: Sequential colour scale for non-negative per-head quantities (e.g. Ships KL); perceptually uniform.
+SEQUENTIAL_SCALE = "Viridis"
+
 #: Name under which :data:`TEMPLATE` is registered in ``plotly.io.templates``.
 TEMPLATE_NAME = "mechcliff"
 
-_FONT_FAMILY = "Inter, 'Helvetica Neue', Arial, sans-serif"
 _GRID = "#e5e5e5"
 _OUTLINE = "#000000"
 _REFERENCE_LINE = "#555555"
 
+#: CSS pixels per inch: plotly lays figures out in CSS pixels and kaleido's PDF / SVG use 1 px = 1/96 in = 0.75 pt.
+PX_PER_INCH = 96
+
+
+@dataclass(frozen=True)
+class Style:
+    """Everything that decides how a mechcliff figure looks: the one place to change fonts, sizes and colours.
+
+    Sizes are CSS pixels (``PX_PER_INCH`` px = 1 inch; in PDF and SVG 1 px = 0.75 pt). :func:`apply_style`
+    applies a style to any figure; :data:`TEMPLATE` is built from the ``"notebook"`` style.
+    """
+
+    name: str
+    font_family: str
+    font_size: float  # axis titles, legend, colour-bar titles
+    title_size: float
+    tick_size: float  # tick labels and annotations
+    one_column: int  # figure width (px) for one column of a two-column paper
+    two_column: int  # figure width (px) across both columns
+    aspect: float  # height / width of line and bar figures
+    margin: tuple[int, int, int, int]  # left, right, top, bottom (px), before automatic growth
+    line_scale: float  # multiplies line widths set by the figure functions
+    marker_scale: float
+    colorbar_thickness: int
+    png_scale: float  # PNG pixels per layout pixel (3.125 = 300 dpi)
+    show_axis_lines: bool
+    legend_on_top: bool  # several legend entries: one horizontal legend above the plot, never over the data
+    colorway: tuple[str, ...] = OKABE_ITO
+    diverging: str = DIVERGING_SCALE
+    sequential: str = SEQUENTIAL_SCALE
+    text_color: str = "#222222"
+    grid_color: str = _GRID
+
+    def width(self, columns: int) -> int:
+        return self.one_column if columns == 1 else self.two_column
+
+    @property
+    def font(self) -> dict[str, Any]:
+        return dict(family=self.font_family, size=self.font_size, color=self.text_color)
+
+
+#: The figure styles: ``"paper"`` for PDF / SVG / PNG files that go into a two-column paper (8 pt text, 7 pt ticks,
+#: 3.5 in or 7.2 in wide, Arial / Liberation Sans), ``"notebook"`` for Jupyter and the HTML report.
+STYLES: dict[str, Style] = {
+    "paper": Style(
+        name="paper", font_family="Arial, 'Liberation Sans', Helvetica, sans-serif",
+        font_size=8 / 0.75, title_size=9 / 0.75, tick_size=7 / 0.75,
+        one_column=int(3.5 * PX_PER_INCH), two_column=int(7.2 * PX_PER_INCH), aspect=0.72,
+        margin=(46, 8, 28, 36), line_scale=0.7, marker_scale=0.75, colorbar_thickness=10,
+        png_scale=300 / PX_PER_INCH, show_axis_lines=True, legend_on_top=True,
+    ),
+    "notebook": Style(
+        name="notebook", font_family="Inter, 'Helvetica Neue', Arial, sans-serif",
+        font_size=13, title_size=17, tick_size=12,
+        one_column=640, two_column=960, aspect=0.65,
+        margin=(70, 30, 80, 60), line_scale=1.0, marker_scale=1.0, colorbar_thickness=20,
+        png_scale=2.0, show_axis_lines=False, legend_on_top=False,
+    ),
+}
+
+_FONT_FAMILY = STYLES["notebook"].font_family
+
+
+def get_style(style: "str | Style") -> Style:
+    """A :class:`Style` by name (``"paper"``, ``"notebook"``), or the style itself."""
+    if isinstance(style, Style):
+        return style
+    try:
+        return STYLES[str(style)]
+    except KeyError:
+        raise MechcliffError(f"unknown style {style!r}; styles: {', '.join(STYLES)}") from None
+
 
 def _build_template() -> go.layout.Template:
-    """The shared layout template: plotly_white plus the mechcliff colours and fonts."""
+    """The shared layout template: plotly_white plus the colours and fonts of the ``"notebook"`` style."""
+    st = STYLES["notebook"]
     template = go.layout.Template(pio.templates["plotly_white"])
     template.layout.update(
-        colorway=list(OKABE_ITO),
-        font=dict(family=_FONT_FAMILY, size=13, color="#222222"),
-        title=dict(x=0.0, xanchor="left", font=dict(size=17)),
-        colorscale=dict(diverging=DIVERGING_SCALE),
-        hoverlabel=dict(font=dict(family=_FONT_FAMILY)),
+        colorway=list(st.colorway),
+        font=st.font,
+        title=dict(x=0.0, xanchor="left", font=dict(size=st.title_size)),
+        colorscale=dict(diverging=st.diverging, sequential=st.sequential),
+        hoverlabel=dict(font=dict(family=st.font_family)),
         legend=dict(bgcolor="rgba(255,255,255,0.8)"),
-        margin=dict(l=70, r=30, t=80, b=60),
-        xaxis=dict(gridcolor=_GRID, zeroline=False, ticks="outside"),
-        yaxis=dict(gridcolor=_GRID, zeroline=False, ticks="outside"),
+        margin=dict(zip("lrtb", st.margin)),
+        xaxis=dict(gridcolor=st.grid_color, zeroline=False, ticks="outside"),
+        yaxis=dict(gridcolor=st.grid_color, zeroline=False, ticks="outside"),
     )
     return template
 
@@ -117,12 +204,15 @@ def layer_head_heatmap(
     colorbar_title: str = "contribution to probe logit",
     highlight: list[tuple[int, int]] | None = None,
     highlight_name: str = "planted",
+    signed: bool = True,
 ) -> go.Figure:
     """Heatmap of a per-head quantity, shape ``[n_layers, n_heads]``.
 
-    Layers run down the y axis (layer 0 at the top), heads along x. The colour range is
-    symmetric around zero. Cells listed in ``highlight`` as ``(layer, head)`` are outlined
-    and get a legend entry called ``highlight_name``.
+    Layers run down the y axis (layer 0 at the top), heads along x. Signed quantities
+    (``signed=True``, e.g. attributions) use the diverging scale with a colour range
+    symmetric around zero; non-negative ones (``signed=False``, e.g. KL) use the sequential
+    scale from 0. Cells listed in ``highlight`` as ``(layer, head)`` are outlined and get a
+    legend entry called ``highlight_name``.
     """
     z = _float_array(values, "values")
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
@@ -140,10 +230,10 @@ def layer_head_heatmap(
         x=list(range(n_heads)),
         y=list(range(n_layers)),
         customdata=labels,
-        colorscale=DIVERGING_SCALE,
-        zmin=-m,
+        colorscale=DIVERGING_SCALE if signed else SEQUENTIAL_SCALE,
+        zmin=-m if signed else min(0.0, float(np.nanmin(z)) if np.isfinite(z).any() else 0.0),
         zmax=m,
-        zmid=0.0,
+        zmid=0.0 if signed else None,
         xgap=1,
         ygap=1,
         colorbar=dict(title=dict(text=_text(colorbar_title), side="right")),
@@ -523,3 +613,244 @@ def figure_to_html(fig: go.Figure, *, include_plotlyjs: bool | str, div_id: str 
         default_height=f"{int(height)}px" if height else "450px",
         div_id=div_id,
     )
+
+
+# --------------------------------------------------------------------------- styles: paper / notebook
+
+
+def _wrap_title(text: str, max_px: float, size: float) -> str:
+    """Break a title at spaces so that each line fits ``max_px`` (average glyph width ~0.52 em)."""
+    import textwrap
+
+    per_line = max(12, int(max_px / (0.52 * size)))
+    lines: list[str] = []
+    for part in str(text).split("<br>"):
+        lines += textwrap.wrap(part, per_line, break_long_words=False, break_on_hyphens=False) or [""]
+    return "<br>".join(lines)
+
+
+def _categories(values: Any) -> list[str] | None:
+    """The category labels of a trace's x or y values, or None when the values are numeric."""
+    if values is None:
+        return None
+    vals = list(values)
+    if not vals or all(isinstance(v, (int, float, np.integer, np.floating)) or v is None for v in vals):
+        return None
+    return [str(v) for v in vals]
+
+
+def _label_px(labels: Sequence[str], size: float) -> float:
+    """Approximate width in px of the longest label (average glyph width ~0.6 em)."""
+    return max((len(html.unescape(s)) for s in labels), default=1) * 0.6 * size
+
+
+def _in_legend(trace: Any) -> bool:
+    """Whether plotly lists ``trace`` in the legend (heatmaps only when asked to)."""
+    if not trace.name or trace.showlegend is False:
+        return False
+    return trace.showlegend is True or trace.type not in ("heatmap", "contour", "histogram2d", "surface")
+
+
+def _legend_entries(fig: go.Figure) -> int:
+    return len({t.legendgroup or t.name for t in fig.data if _in_legend(t)})
+
+
+def _heatmap_shape(trace: Any) -> tuple[int, int]:
+    z = np.asarray(trace.z, dtype=float)
+    return (int(z.shape[0]), int(z.shape[1])) if z.ndim == 2 else (1, int(z.size))
+
+
+def _default_columns(fig: go.Figure) -> int:
+    """Two columns for wide content (many heads, many categories, long legends), otherwise one."""
+    for t in fig.data:
+        if t.type == "heatmap" and _heatmap_shape(t)[1] > 16:
+            return 2
+        cats = _categories(getattr(t, "x", None)) if t.type in ("bar", "box", "scatter") else None
+        if cats is not None and len(set(cats)) > 8:
+            return 2
+    return 2 if _legend_entries(fig) > 6 else 1
+
+
+def _legend_rows(labels: Sequence[str], st: Style, max_width: float) -> int:
+    """Rows of a horizontal plotly legend of ``labels`` at most ``max_width`` px wide (the plot width).
+
+    As plotly.js lays it out: one row if all entries fit (each 40 px of symbol and gap + its text + 5 px), otherwise a
+    grid whose columns are all as wide as the widest entry. Text is estimated at 0.46 em per character (Arial).
+    """
+    if not labels:
+        return 0
+    widths = [45 + len(html.unescape(x)) * 0.46 * st.font_size for x in labels]
+    if sum(widths) <= max_width:
+        return 1
+    per_row = max(1, int(max_width // max(widths)))
+    return math.ceil(len(labels) / per_row)
+
+
+def _legible_dtick(n: int, length_px: float, needed_px: float) -> int:
+    """Show every k-th of ``n`` evenly spaced ticks so that labels ``needed_px`` apart never overlap."""
+    if n <= 1 or length_px <= 0:
+        return 1
+    return max(1, math.ceil(needed_px / (length_px / n)))
+
+
+def apply_style(
+    fig: go.Figure,
+    style: "str | Style" = "paper",
+    *,
+    columns: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> go.Figure:
+    """A copy of ``fig`` in ``style`` (``"paper"`` or ``"notebook"``, see :data:`STYLES`), sized for export.
+
+    Sets fonts, the figure size (``columns``: 1 = one column of a two-column paper, 2 = both; inferred from the
+    content when omitted), margins, line and marker widths, the colour-blind-safe ``colorway``, and for heatmaps a
+    symmetric diverging scale centred at 0 (heatmaps drawn with ``zmid=0``) or the sequential scale. Tick labels are
+    thinned (numeric axes) or rotated then thinned (category axes, e.g. ``L{l}H{h}``) until they no longer
+    overlap, so only legible labels are drawn. Long titles are wrapped. ``fig`` itself is not modified.
+    """
+    st = get_style(style)
+    fig = go.Figure(fig)
+    cols = int(columns) if columns is not None else _default_columns(fig)
+    if cols not in (1, 2):
+        raise MechcliffError(f"columns must be 1 or 2, got {columns!r}")
+    w = int(width or st.width(cols))
+    ml, mr, mt, mb = st.margin
+    heatmaps = [t for t in fig.data if t.type == "heatmap"]
+    colorbar_px = (st.colorbar_thickness + 3.2 * st.tick_size + 1.6 * st.font_size) if any(
+        t.showscale is not False for t in heatmaps) else 0.0
+
+    # ---- title (wrapped) and the space above the plot
+    title = fig.layout.title.text
+    n_lines = 0
+    if title:
+        title = _wrap_title(title, w - 12, st.title_size)
+        n_lines = title.count("<br>") + 1
+        mt = int(5 + n_lines * st.title_size * 1.3 + 3)
+    n_entries = _legend_entries(fig)
+    legend_top = st.legend_on_top and n_entries >= 2
+    legend_above = legend_top or (fig.layout.legend.y is not None and fig.layout.legend.y > 1 and n_entries > 0)
+    if legend_above:
+        labels = list(dict.fromkeys(str(t.legendgroup or t.name) for t in fig.data if _in_legend(t)))
+        rows = _legend_rows(labels, st, w - ml - mr) if legend_top else 1
+        rows += 1 if legend_top and fig.layout.legend.title.text else 0  # the legend title gets its own row
+        mt += int(rows * max(st.font_size * 1.3 + 5, 19) + 10)
+    if any(a.yref in (None, "y") and a.yanchor == "bottom" and a.yshift for a in fig.layout.annotations):
+        mt += int(st.tick_size * 1.4)  # value labels drawn above the tallest bars
+
+    # ---- height
+    if height is None:
+        if heatmaps:
+            n_y, n_x = _heatmap_shape(heatmaps[0])
+            cell_w = max(1.0, (w - ml - mr - colorbar_px) / max(n_x, 1))
+            cell_h = min(max(cell_w * 0.75, st.tick_size * 1.3), st.tick_size * 4)
+            height = int(min(max(n_y * cell_h + mt + mb, 0.45 * w), 1.35 * w))
+        else:
+            height = int(round(w * st.aspect)) + max(0, n_lines - 1) * int(st.title_size * 1.25)
+    h = int(height)
+    plot_w = max(1.0, w - ml - mr - colorbar_px)
+    plot_h = max(1.0, h - mt - mb)
+
+    fig.update_layout(
+        width=w, height=h, autosize=False,
+        font=st.font, colorway=list(st.colorway),
+        margin=dict(l=ml, r=mr, t=mt, b=mb, pad=0, autoexpand=True),
+        hoverlabel=dict(font=dict(family=st.font_family)),
+        legend=dict(font=dict(size=st.font_size), bgcolor="rgba(255,255,255,0.85)", tracegroupgap=2),
+    )
+    if title:  # plotly anchors a multi-line title by its last line: move it down by the extra lines
+        fig.update_layout(title=dict(text=title, x=4 / w, xanchor="left", xref="container", yref="container",
+                                     y=1 - (5 + (n_lines - 1) * st.title_size * 1.3) / h, yanchor="top",
+                                     font=dict(size=st.title_size, family=st.font_family, color=st.text_color)))
+    if n_entries >= 2:  # several lines / groups: always a legend
+        fig.update_layout(showlegend=True)
+    if legend_above:
+        fig.update_layout(legend=dict(y=1.0, yanchor="bottom", bgcolor="rgba(255,255,255,0)", itemwidth=30))
+    if legend_top:
+        fig.update_layout(legend=dict(orientation="h", x=0.0, xanchor="left"))
+        if fig.layout.legend.title.text:
+            fig.update_layout(legend_title=dict(side="top left", font=dict(size=st.font_size)))
+
+    # ---- traces
+    for t in fig.data:
+        if t.type == "heatmap":
+            z = np.asarray(t.z, dtype=float)
+            if t.zmid is not None and float(t.zmid) == 0.0:  # signed: symmetric diverging scale centred at 0
+                finite = np.abs(z[np.isfinite(z)])
+                m = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+                t.update(colorscale=st.diverging, zmin=-m, zmax=m, zmid=0.0)
+            elif t.zmin is not None and float(t.zmin) >= 0:
+                t.update(colorscale=st.sequential)
+            t.update(colorbar=dict(thickness=st.colorbar_thickness, outlinewidth=0,
+                                   tickfont=dict(size=st.tick_size), title=dict(font=dict(size=st.font_size))))
+            continue
+        if t.type == "bar":
+            t.update(textfont=dict(size=st.tick_size))
+        if hasattr(t, "line") and t.line is not None and t.type in ("scatter", "scattergl"):
+            if t.line.width is not None:
+                t.line.width = max(0.0, float(t.line.width) * st.line_scale) if t.line.width else t.line.width
+            elif "lines" in (t.mode or "lines"):
+                t.line.width = 2.0 * st.line_scale
+        if t.type in ("scatter", "scattergl") and t.mode and "markers" in t.mode:
+            t.marker.size = float(t.marker.size if isinstance(t.marker.size, (int, float)) else 6) * st.marker_scale
+        for err in ("error_x", "error_y"):
+            e = getattr(t, err, None)
+            if e is not None and (e.array is not None or e.value is not None):
+                e.thickness = float(e.thickness if e.thickness is not None else 2) * st.line_scale
+                e.width = float(e.width if e.width is not None else 4) * st.marker_scale
+    for shape in fig.layout.shapes:
+        if shape.line is not None and shape.line.width is not None:
+            shape.line.width = max(0.75, float(shape.line.width) * st.line_scale)
+    for ann in fig.layout.annotations:
+        ann.font.size = st.tick_size
+
+    # ---- axes
+    axis_common = dict(title_font=dict(size=st.font_size), tickfont=dict(size=st.tick_size), automargin=True,
+                       title_standoff=4 if st.name == "paper" else None)
+    for ax in list(fig.select_xaxes()) + list(fig.select_yaxes()):
+        ax.update(**{k: v for k, v in axis_common.items() if v is not None})
+        length = plot_w if ax.plotly_name.startswith("xaxis") else plot_h
+        if ax.title.text and _label_px([ax.title.text], st.font_size) * 0.87 > length:  # longer than the axis: wrap
+            ax.title.text = _wrap_title(ax.title.text, length, st.font_size)
+        if ax.showgrid is not False:
+            ax.update(gridcolor=st.grid_color, gridwidth=0.5 if st.name == "paper" else 1)
+        if st.show_axis_lines:
+            ax.update(showline=True, linecolor="#444444", linewidth=0.75, ticklen=3, tickwidth=0.75)
+    _legible_ticks(fig, st, plot_w, plot_h)
+    return fig
+
+
+def _legible_ticks(fig: go.Figure, st: Style, plot_w: float, plot_h: float) -> None:
+    """Thin (numeric) or rotate-then-thin (categorical) tick labels that would overlap."""
+    for letter, length in (("x", plot_w), ("y", plot_h)):
+        for trace in fig.data:
+            axis_name = (getattr(trace, f"{letter}axis", None) or letter).replace(letter, f"{letter}axis", 1)
+            ax = fig.layout[axis_name]
+            if trace.type == "heatmap":
+                n_y, n_x = _heatmap_shape(trace)
+                n = n_x if letter == "x" else n_y
+                vals = getattr(trace, letter)
+                cats = _categories(vals)
+                labels = cats if cats is not None else [str(n - 1)]
+                need = _label_px(labels, st.tick_size) + 4 if letter == "x" else st.tick_size * 1.2
+                k = _legible_dtick(n, length, need)
+                if cats is not None:
+                    ax.update(tickmode="array", tickvals=cats[::k], ticktext=cats[::k])
+                elif ax.dtick is not None or n <= 64:
+                    ax.update(dtick=k, tick0=0)
+                continue
+            if trace.type not in ("bar", "box", "scatter") or letter != "x":
+                continue
+            cats = _categories(trace.x)
+            if cats is None:
+                continue
+            uniq = list(dict.fromkeys(cats))
+            spacing = length / max(len(uniq), 1)
+            if _label_px(uniq, st.tick_size) + 6 <= spacing:
+                ax.update(tickangle=0)
+            elif spacing >= 1.5 * st.tick_size:
+                ax.update(tickangle=-45)
+            else:
+                k = _legible_dtick(len(uniq), length, 1.2 * st.tick_size)
+                ax.update(tickangle=-90, tickmode="array", tickvals=uniq[::k], ticktext=uniq[::k])
+            break

@@ -129,6 +129,18 @@ class LinearProbe:
             probe.check_model(handle)
         return probe
 
+    def plot(self):
+        """Held-out accuracy and AUROC of the layer sweep (``metrics["by_layer"]``), the chosen layer marked."""
+        from mechcliff.plotting import probe_by_layer
+
+        rows = self.metrics.get("by_layer") or [{"layer": self.layer, "val_accuracy": self.metrics.get("val_accuracy"),
+                                                 "val_auroc": self.metrics.get("val_auroc")}]
+        nan = float("nan")
+        return probe_by_layer([r["layer"] for r in rows],
+                              [nan if r.get("val_accuracy") is None else r["val_accuracy"] for r in rows],
+                              [nan if r.get("val_auroc") is None else r["val_auroc"] for r in rows],
+                              chosen_layer=self.layer if any(r["layer"] == self.layer for r in rows) else None)
+
     def summary_rows(self) -> list[tuple[str, str]]:
         m = self.metrics
         return [("model", self.model_id), ("layer", str(self.layer)), ("position", self.position),

@@ -49,7 +49,7 @@ class HeadImportance(Result):
         from mechcliff.plotting import layer_head_heatmap
 
         return layer_head_heatmap(self.mean, title=f"Ships head importance ({self.mode}, ε={self.eps:g})",
-                                  colorbar_title="KL(base ‖ ablated), nats", highlight=highlight)
+                                  colorbar_title="KL(base ‖ ablated), nats", highlight=highlight, signed=False)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         return [("examples", str(self.per_example.shape[0])), ("mode", f"{self.mode} ε={self.eps:g}"),
@@ -174,6 +174,22 @@ class SaharaResult(Result):
     mode: str
     eps: float
     model_id: str = ""
+
+    def plot(self):
+        """The generalized Ships angle of the group after each greedy step, one tick per head added."""
+        import plotly.graph_objects as go
+
+        from mechcliff.plotting import OKABE_ITO, TEMPLATE
+
+        labels = [f"+{h}" if i else h for i, h in enumerate(self.heads)]
+        fig = go.Figure(go.Scatter(x=labels, y=list(self.scores), mode="lines+markers", name="group angle",
+                                   line=dict(color=OKABE_ITO[0], width=2), marker=dict(size=7),
+                                   hovertemplate="%{x}<br>%{y:.2f}°<extra></extra>"))
+        fig.update_layout(template=TEMPLATE, title=f"Sahara greedy head-group search ({self.mode}, ε={self.eps:g})",
+                          height=420)
+        fig.update_xaxes(title_text="head added at each step", type="category")
+        fig.update_yaxes(title_text="generalized Ships angle (degrees)", rangemode="tozero")
+        return fig
 
     def summary_rows(self) -> list[tuple[str, str]]:
         return [(f"step {i + 1}", f"{h}: {s:.2f}°") for i, (h, s) in enumerate(zip(self.heads, self.scores))]
