@@ -33,6 +33,7 @@ class RunConfig:
     """Everything a run depends on. Load from JSON/TOML with :meth:`from_file`; unknown keys are errors."""
 
     model: str = "organism"
+    adapter: str | None = None  # fine-tuned weights applied to the model (see mechcliff.repair)
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> prompt file ("" = built-in set)
     n_per_group: int | None = None
     label_source: str = "auto"  # "behaviour" (refused vs complied), "dataset" (harmful vs harmless) or "auto"
@@ -103,7 +104,7 @@ class RunConfig:
         return cfg
 
     _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
-        "model": (str,), "n_per_group": (int, type(None)), "label_source": (str,), "probe_layer": (int, str),
+        "model": (str,), "adapter": (str, type(None)), "n_per_group": (int, type(None)), "label_source": (str,), "probe_layer": (int, str),
         "position": (str,), "plateau": (str,), "max_think_tokens": (int,), "max_answer_tokens": (int,),
         "temperature": (int, float), "batch_size": (int,), "seed": (int,), "enable_thinking": (bool,),
         "ablation_top_k": (int, type(None)), "ablation_mode": (str,), "ablation_gamma": (int, float),
@@ -213,7 +214,7 @@ class Run:
 
     # ---- stage bookkeeping ----
     STAGE_FIELDS = {
-        "rollouts": ("model", "prompts", "n_per_group", "max_think_tokens", "max_answer_tokens", "temperature",
+        "rollouts": ("model", "adapter", "prompts", "n_per_group", "max_think_tokens", "max_answer_tokens", "temperature",
                      "seed", "enable_thinking", "quick"),
         "probe": ("label_source", "probe_layer", "position"),
         "trace": ("plateau",),
@@ -241,7 +242,7 @@ class Run:
             from mechcliff.model.loading import load_model
 
             self.log(f"loading model '{self.cfg.model}' ...")
-            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True)
+            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True, adapter=self.cfg.adapter)
         return self.handle
 
     # ---- data ----

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,15 +101,16 @@ def refusal_answer(rollouts: Sequence[Rollout], judge: Any = None, default: str 
 
 
 def build_examples(selected: Sequence[Rollout], harmless: Sequence[Rollout], *, refusal: str, mix_ratio: float = 1.0,
-                   seed: int = 0) -> list[TrainExample]:
-    """Safety examples (own thinking + ``refusal``) for ``selected``, plus ``ceil(mix_ratio × len(selected))``
-    harmless examples (own thinking + own answer) drawn without replacement (seeded), as many as there are."""
+                   min_mix: int = 8, seed: int = 0) -> list[TrainExample]:
+    """Safety examples (own thinking + ``refusal``) for ``selected``, plus ``max(min_mix, ceil(mix_ratio ×
+    len(selected)))`` harmless examples (own thinking + own answer) drawn without replacement (seeded), as many as
+    there are. The floor keeps tiny selections from overwriting ordinary behaviour."""
     if not selected:
         raise MechcliffError("no selected examples to train on")
     if not (math.isfinite(mix_ratio) and mix_ratio >= 0):
         raise MechcliffError(f"mix_ratio must be >= 0, got {mix_ratio!r}")
     out = [TrainExample(r.prompt, r.thinking, refusal, "safety") for r in selected]
-    n_mix = min(len(harmless), math.ceil(mix_ratio * len(selected)))
+    n_mix = min(len(harmless), max(int(min_mix), math.ceil(mix_ratio * len(selected)))) if mix_ratio > 0 else 0
     if n_mix:
         rng = np.random.default_rng(seed)
         for i in rng.permutation(len(harmless))[:n_mix]:
@@ -203,7 +205,9 @@ def finetune(handle: Any, examples: Sequence[TrainExample], out: str | Path, con
                                  f"linear layers: {', '.join(sorted(names))}")
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(hf, lcfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(hf, lcfg)
     else:
         model = hf
     model.train()
@@ -265,7 +269,9 @@ def _save_weights(model: Any, path: Path, cfg: FinetuneConfig) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if cfg.method == "lora":
-        model.save_pretrained(str(tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(str(tmp))
     else:
         from safetensors.torch import save_model
 

@@ -48,7 +48,7 @@ class RepairCurveConfig:
         default_factory=lambda: {"harmful": "", "harmful_jailbreak": ""})  # group -> prompt file ("" = built-in)
     harmless: str = ""  # prompt file ("" = built-in)
     eval_fraction: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"harmful": 0.25, "harmful_jailbreak": 0.5, "harmless": 0.5})
+        default_factory=lambda: {"harmful": 0.25, "harmful_jailbreak": 0.75, "harmless": 0.5})
     n_per_group: int | None = None
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.25, 0.5])
@@ -57,6 +57,7 @@ class RepairCurveConfig:
     stratify: bool = False
     dedupe: bool = True
     mix_ratio: float = 1.0
+    min_mix: int = 8
     probe: str | None = None  # a saved probe folder; None fits one on the unrepaired rollouts
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # FinetuneConfig options
     max_think_tokens: int = 48
@@ -126,11 +127,11 @@ class RepairCurveConfig:
 
 
 def default_repair_config(model: str = "organism") -> RepairCurveConfig:
-    """Per-model defaults: the organism trains at lr 3e-3 (its hand-set weights are large); real models at 1e-4,
+    """Per-model defaults: the organism trains at lr 1e-2 (its hand-set weights are large); real models at 1e-4,
     with fewer budgets and one seed so that a CPU run stays within an hour."""
     cfg = RepairCurveConfig(model=model)
     if model == "organism":
-        cfg.finetune = {"lr": 3e-3}
+        cfg.finetune = {"lr": 1e-2}
     else:
         cfg.finetune = {"lr": 1e-4}
         cfg.fractions, cfg.seeds, cfg.n_per_group = [0.05, 0.1, 0.25, 0.5], 1, 40
@@ -273,7 +274,7 @@ class RepairCurveRun:
     def _data_hash(self) -> str:
         d = self.cfg.to_dict()
         keep = ("model", "attack", "harmless", "eval_fraction", "n_per_group", "plateau", "stratify", "dedupe",
-                "mix_ratio", "probe", "finetune", "max_think_tokens", "max_answer_tokens", "seed")
+                "mix_ratio", "min_mix", "probe", "finetune", "max_think_tokens", "max_answer_tokens", "seed")
         return content_hash([{k: d[k] for k in keep}])
 
     def model(self) -> Any:
@@ -381,7 +382,15 @@ class RepairCurveRun:
             sel = select(pool, m, fraction=None if m == "all" else f, plateau=c.plateau, stratify=c.stratify,
                          dedupe=c.dedupe, seed=c.seed + s)
             sel.save(self.dir / "selections" / key)
-            ex = build_examples(sel.rollouts(pool), rolls["mix"], refusal=refusal, mix_ratio=c.mix_ratio, seed=c.seed + s)
+            sel_hash = content_hash([m, [int(i) for i in sel.indices], s])
+            same = next((r for r in self._done_points().values() if r.get("selection_hash") == sel_hash), None)
+            if same is not None:  # another budget rounded to the same selection: the same fine-tune, not redone
+                rec = {**same, "key": key, "fraction": f, "reused_from": same["key"], "seconds": 0.0}
+                with open(self.dir / "points.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                continue
+            ex = build_examples(sel.rollouts(pool), rolls["mix"], refusal=refusal, mix_ratio=c.mix_ratio,
+                                min_mix=c.min_mix, seed=c.seed + s)
             ft_cfg = FinetuneConfig(**{**c.finetune, "seed": c.seed + s})
             ft = finetune(self.model(), ex, self.dir / "adapters" / key, ft_cfg, progress=self.progress,
                           desc=f"[{i + 1}/{len(todo)}] {key}")
@@ -390,7 +399,7 @@ class RepairCurveRun:
             repaired = load_model(c.model, seed=c.seed, adapter=self.dir / "adapters" / key, check=False)
             ev = self.evaluate(repaired, rolls["eval_harmless"], sets=sets)
             groups = [r.group for r in sel.rollouts(pool)]
-            rec = {"key": key, "method": m, "fraction": f, "seed": s, "n_selected": len(sel),
+            rec = {"key": key, "method": m, "fraction": f, "seed": s, "n_selected": len(sel), "selection_hash": sel_hash,
                    "selected_by_group": {g: groups.count(g) for g in sorted(set(groups), key=str)},
                    "train_loss_first": float(ft.losses[0]), "train_loss_last": float(ft.losses[-1]),
                    "steps": int(len(ft.losses)), "seconds": round(time.time() - t, 2), **ev}
@@ -554,3 +563,37 @@ def repair_curve(model: str = "organism", out: str | Path = "runs/repair", *, co
     """Run (or resume) the Cliff-as-a-Judge repair-curve experiment; see the module docstring."""
     cfg = config or default_repair_config(model)
     return RepairCurveRun(out, cfg, progress=progress, log=log).run()
+
+
+def pool_from_run(run_dir: str | Path, groups: tuple[str, ...] = ("harmful", "harmful_jailbreak")) -> CandidatePool:
+    """The candidate pool of a ``mechcliff run`` folder: its rollouts of ``groups`` with their saved cliff statistics
+    (no model needed)."""
+    from mechcliff.trace import RefusalTrace
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "trace").is_dir() or not (run_dir / "rollouts").is_dir():
+        raise MechcliffError(f"{run_dir} is not a finished 'mechcliff run' folder (no trace/ and rollouts/)")
+    trace = RefusalTrace.load(run_dir / "trace")
+    present = [g for g in dict.fromkeys(trace.groups) if g in groups]
+    if not present:
+        raise MechcliffError(f"{run_dir} has no rollouts of the groups {', '.join(groups)}")
+    rolls, rows = [], []
+    for g in present:
+        rs = load_rollouts(run_dir / "rollouts" / f"{g}.jsonl")
+        idx = [i for i, tg in enumerate(trace.groups) if tg == g]
+        if len(idx) != len(rs):
+            raise MechcliffError(f"{run_dir}: trace and rollouts of group '{g}' differ in length; re-run the pipeline")
+        rolls += rs
+        rows += idx
+    s = {k: np.asarray(trace.stats[k], dtype=np.float64)[rows] for k in ("plateau_mean", "plateau_max", "final")}
+    return CandidatePool(rolls, s["plateau_mean"], s["plateau_max"], s["final"])
+
+
+def load_pool_or_run(path: str | Path) -> CandidatePool:
+    """A scored pool file (:func:`save_pool`), a repair-curve folder (its ``pool/``) or a pipeline run folder."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "pool" / "candidates.jsonl").exists():
+            return load_pool(path / "pool" / "candidates.jsonl")
+        return pool_from_run(path)
+    return load_pool(path)
