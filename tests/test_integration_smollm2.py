@@ -124,3 +124,36 @@ def test_quick_run_cli(tmp_path):
     assert res["attribution"]["exact_relative_error"] <= 1e-3
     assert len(res["ablation"]["heads"]) == 8  # 3% of 270 heads
     assert (out / "report.html").exists()
+
+
+def test_lora_repair_on_smollm2_cpu(smol, tmp_path):
+    """LoRA fine-tuning works on a real 135M model on a CPU: the loss falls on its targets, the adapter is small,
+    and loading it gives the trained model (the refusal becomes more likely after the harmful prompt)."""
+    import time
+
+    from mechcliff.chat import encode
+    from mechcliff.model.loading import load_model
+    from mechcliff.repair import DEFAULT_REFUSAL, FinetuneConfig, TrainExample, finetune
+
+    harmful, harmless = _prompts(4)
+    ex = [TrainExample(p, "This request could cause harm.", DEFAULT_REFUSAL) for p in harmful]
+    ex += [TrainExample(p, "This is an ordinary request.", "Sure, here is a short answer.") for p in harmless]
+    t = time.time()
+    res = finetune(smol, ex, tmp_path / "ft", FinetuneConfig(lr=1e-3, min_steps=8, batch_size=4, seed=0), progress=False)
+    seconds = time.time() - t
+    assert res.losses[-2:].mean() < res.losses[:2].mean()
+    size = sum(f.stat().st_size for f in (tmp_path / "ft" / "adapter").iterdir())
+    assert size < 10e6, size
+    repaired = load_model("smollm2-135m-instruct", adapter=tmp_path / "ft")
+    assert repaired.conformance.passed
+
+    def refusal_logprob(h):
+        b = encode(h, harmful[:2], thinking=["This request could cause harm."] * 2, answers=[DEFAULT_REFUSAL] * 2)
+        with torch.no_grad():
+            lp = torch.log_softmax(h.hf_model(b.tokens, attention_mask=b.attention_mask).logits.double(), -1)
+        a0 = b.spans[0]["answer"][0]
+        return float(lp[0, a0 - 1:-1].gather(-1, b.tokens[0, a0:, None]).sum())
+
+    assert refusal_logprob(repaired) > refusal_logprob(smol) + 1.0
+    print(f"SmolLM2 LoRA: {len(res.losses)} steps in {seconds:.1f} s, adapter {size / 1e6:.2f} MB, "
+          f"loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}")
