@@ -390,6 +390,13 @@ def available(run_dir: str | Path) -> dict[str, FigureSpec]:
     return specs
 
 
+def _bulk(spec: FigureSpec, specs: dict[str, FigureSpec]) -> bool:
+    """A per-point sub-result (e.g. each selection and fine-tune of a repair curve): nested two or more folders
+    deep and one of several of its kind. Drawn only when its kind is asked for, not by default."""
+    same = sum(1 for s in specs.values() if s.kind == spec.kind)
+    return len(spec.sources) == 1 and spec.sources[0].count("/") >= 1 and same > 1
+
+
 def _slug(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", rel).strip("-") or "root"
 
@@ -398,7 +405,7 @@ def select(specs: dict[str, FigureSpec], kinds: Iterable[str] | None, run_dir: s
     """The drawable specs matching ``kinds`` (figure names or result kinds); all drawable ones for None."""
     drawable = {n: s for n, s in specs.items() if not s.note}
     if not kinds:
-        return drawable
+        return {n: s for n, s in drawable.items() if not _bulk(s, drawable)}
     out: dict[str, FigureSpec] = {}
     for key in kinds:
         hits = {n: s for n, s in drawable.items() if s.matches(key)}

@@ -169,25 +169,27 @@ class RepairCurve(Result):
 
         fig = go.Figure()
         colors = dict(zip(METHODS, OKABE_ITO))
+        names = {"cliff": "Cliff-as-a-Judge", "random": "random", "final_score": "final score",
+                 "rule": "keyword rule", "all": "all data"}
         for m in self.methods():
             pts = sorted((p for p in self.points if p["method"] == m), key=lambda p: p["fraction"])
             x = [100 * p["fraction"] for p in pts]
             y = [p["asr"] for p in pts]
             err = dict(type="data", symmetric=False, array=[p["asr_high"] - p["asr"] for p in pts],
                        arrayminus=[p["asr"] - p["asr_low"] for p in pts], thickness=1)
-            fig.add_trace(go.Scatter(x=x, y=y, error_y=err, mode="lines+markers" if m != "all" else "markers",
-                                     name={"cliff": "Cliff-as-a-Judge", "final_score": "final score (authors' code)",
-                                           "rule": "keyword rule", "random": "random", "all": "all data"}[m],
-                                     line=dict(color=colors[m]), marker=dict(size=9 if m == "all" else 7,
-                                                                             symbol="star" if m == "all" else "circle")))
+            fig.add_trace(go.Scatter(
+                x=x, y=y, error_y=err, mode="lines+markers" if m != "all" else "markers", name=names[m],
+                line=dict(color=colors[m], dash="dash" if m == "rule" else "solid"),  # rule may coincide with random
+                marker=dict(size=10 if m == "all" else 6, symbol="star" if m == "all" else "circle")))
             if m == "all":
                 fig.add_hline(y=y[0], line=dict(color=colors[m], dash="dot", width=1))
         fig.add_hline(y=self.unrepaired["asr"], line=dict(color="#555555", dash="dash", width=1),
-                      annotation_text="unrepaired", annotation_position="top left")
-        fig.update_xaxes(type="log", title="training data (% of the candidate pool)", ticksuffix="%")
-        fig.update_yaxes(title="attack success rate (held-out attacks)", range=[-0.02, 1.02])
-        fig.update_layout(template=TEMPLATE, title=f"Repair with selected safety data ({self.model_id}, pool of "
-                          f"{self.pool_size})", legend_title_text="selection")
+                      annotation_text="unrepaired", annotation_position="bottom left")
+        ticks = sorted({100 * p["fraction"] for p in self.points})
+        fig.update_xaxes(type="log", title="safety data used (% of pool)", tickvals=ticks,
+                         ticktext=[f"{t:g}%" for t in ticks])
+        fig.update_yaxes(title="ASR, held-out attacks", range=[-0.02, 1.02])
+        fig.update_layout(template=TEMPLATE, title=f"Repair by selected data ({self.model_id}, pool {self.pool_size})")
         return fig
 
     def table_rows(self) -> list[list[object]]:
