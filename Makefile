@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python scripts/bench/attribution_memory.py
 	$(BIN)/python scripts/bench/generation.py
 	$(BIN)/python scripts/bench/patching.py
+	$(BIN)/python scripts/bench/spectral.py
 
 clean-demo:
 	rm -rf $(DEMO)
