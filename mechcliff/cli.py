@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from mechcliff.cli_cot import COMMANDS as COT_COMMANDS  # safety-layers, spectral
+from mechcliff.cli_rim import COMMANDS as RIM_COMMANDS  # compare-modes, refusal-heads, neurons, ras
 from mechcliff.errors import MechcliffError
 
 
@@ -94,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True)
     rp.add_argument("--no-progress", action="store_true")
     rc = sub.add_parser(
-        "repair-curve", help="the Cliff-as-a-Judge experiment: ASR after repair vs % of safety data, per method",
+        "repair-curve", help="the Cliff-as-a-Judge experiment: ASR after repair vs %% of safety data, per method",
         description="Select → fine-tune → evaluate at several budgets for each selection method; writes "
         "DIR/curve.json, DIR/points.csv, DIR/figures/repair_curve.json, DIR/report.html. Resumable.")
     rc.add_argument("--model", default=None, help="model spec, as for 'run --model' (default: organism)")
@@ -120,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--columns", type=int, choices=(1, 2), default=None,
                     help="force the width: 1 = one column (3.5 in), 2 = two columns (7.2 in); default: by content")
     pl.add_argument("--out", default=None, help="folder to write the files to (default: RUN_DIR/figures/STYLE)")
+    from mechcliff.cli_rim import add_parsers as add_rim_parsers  # compare-modes, refusal-heads, neurons, ras
+
+    add_rim_parsers(sub)
+    from mechcliff.cli_cot import add_parsers as add_cot_parsers  # safety-layers, spectral
+
+    add_cot_parsers(sub)
     return p
 
 
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"run": _run, "check": _check, "judge": _judge, "agree": _agree, "plot": _plot,
-                "select": _select, "repair": _repair, "repair-curve": _repair_curve}[args.command](args)
+                "select": _select, "repair": _repair, "repair-curve": _repair_curve, **RIM_COMMANDS, **COT_COMMANDS}[args.command](args)
     except MechcliffError as exc:
         if os.environ.get("MECHCLIFF_DEBUG"):
             raise

@@ -178,6 +178,95 @@ def make_repair_curve():
                                                   "capability": 1.0}, pool_size=40, model_id="synthetic")
 
 
+def make_safety_layers():
+    from mechcliff.safety_layers import safety_layers_from_states
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(N_LAYERS, 16))
+    safe, unsafe = base + rng.normal(0, 0.3, (4, N_LAYERS, 16)), base + rng.normal(0, 0.3, (3, N_LAYERS, 16))
+    unsafe[:, 1:3] += 2.0 * rng.normal(size=16)
+    return safety_layers_from_states(safe, unsafe, window=2, model_id="synthetic")
+
+
+def make_spectral():
+    from mechcliff.spectral import SpectralHeadMetrics
+
+    rng = np.random.default_rng(6)
+    b1, b3 = rng.uniform(0.1, 0.2, (6, N_LAYERS, N_HEADS)), rng.uniform(3, 4, (6, N_LAYERS, N_HEADS))
+    for l, h in PLANTED:
+        b1[3:, l, h] += 0.2
+    b2 = np.abs(rng.normal(size=(6, N_LAYERS, N_HEADS, 16))).astype(np.float32)
+    return SpectralHeadMetrics(b1=b1, b2=b2, b3=b3, row=np.zeros((6, N_LAYERS, N_HEADS), dtype=np.int64),
+                               is_safe=np.array([1, 1, 1, 0, 0, 0]), layers=list(range(N_LAYERS)), size=16, rows=8,
+                               model_id="synthetic")
+
+
+def make_mode_comparison():
+    from mechcliff.modes import ModeComparison
+
+    groups = ["harmless"] * 3 + ["harmful"] * 3 + ["harmful_jailbreak"] * 3
+    final = np.array([[0.1] * 3 + [0.9] * 3 + [0.2] * 3, [0.1] * 3 + [0.95] * 3 + [0.6] * 3])
+    plateau = np.array([[0.1] * 3 + [0.9] * 3 + [0.9] * 3, [np.nan] * 9])
+    refused = np.array([[0] * 3 + [1] * 3 + [0, 0, 1], [0] * 3 + [1] * 3 + [1, 1, 0]], dtype=np.int8)
+    return ModeComparison(groups=groups, categories=[None] * 9, refused=refused, final=final, plateau=plateau,
+                          ms=plateau - final, drop=np.where(np.isnan(plateau), np.nan, 0.5),
+                          thinking_tokens=np.array([[12] * 9, [0] * 9]), probe_layer=3, model_id="synthetic")
+
+
+def make_refusal_heads():
+    from mechcliff.refusal_heads import R, RefusalHeads
+
+    n = 5
+    on = np.full((n, N_LAYERS, N_HEADS), R["bos"], dtype=np.int8)
+    off = on.copy()
+    on[:, 0, 3], off[:4, 0, 3] = R["assistant"], R["think_gap"]
+    on[:, 2, 5], off[:2, 2, 5] = R["assistant"], R["think_gap"]
+    zeros = np.zeros((n, N_LAYERS, N_HEADS))
+    ab = {"position": "between", "probe_layer": 3, "n": n, "mode": "scale_z", "gamma": 0.0,
+          "baseline": {"heads": [], "score": 0.8, "logit": 1.4, "scores": [0.7, 0.9, 0.8, 0.8, 0.8]},
+          "targeted": {"heads": ["L0H3"], "score": 0.4, "logit": -0.4, "scores": [0.3, 0.5, 0.4, 0.4, 0.4]},
+          "random": [{"heads": ["L0H1"], "score": 0.78, "logit": 1.3, "scores": [0.7, 0.8, 0.8, 0.8, 0.8]}],
+          "drop_targeted": 0.4, "drop_random_mean": 0.02}
+    return RefusalHeads(region_on=on, region_off=off, offset_on=zeros.astype(np.int32) - 3,
+                        offset_off=zeros.astype(np.int32) - 2, weight_on=zeros + 0.5, weight_off=zeros + 0.5,
+                        has_gap=np.ones(n, dtype=bool), valid=np.ones(n, dtype=bool), heads=["L0H3"], ablation=ab,
+                        reference_heads=["L1H3", "L1H6", "L2H1"], model_id="synthetic")
+
+
+def make_critical_neurons():
+    from mechcliff.neurons import CriticalNeurons
+
+    counts = np.random.default_rng(7).integers(0, 6, (N_LAYERS, 32)).astype(np.int32)
+    counts[2, [3, 9]] = 6
+    return CriticalNeurons(neurons=["L2N3", "L2N9"], counts=counts, mean_diff=np.zeros((N_LAYERS, 32), np.float32),
+                           m=8, n_pairs=6, misalignment={"D": _rate(2, 6, False), "D_tilde": _rate(0, 6, False)},
+                           model_id="synthetic")
+
+
+def make_neuron_ablation():
+    from mechcliff.neurons import NeuronAblation
+
+    def cond(name, k, loss):
+        return {"name": name, "neurons": ["L2N3", "L2N9"] if name != "none" else [], "misalignment": _rate(k, 10, False),
+                "harmless_refusal": _rate(0, 10, False), "loss": loss, "kl": 0.0 if name == "none" else 0.05}
+
+    return NeuronAblation(conditions=[cond("none", 2, 1.0), cond("critical", 5, 1.3), cond("random 0", 2, 1.05)],
+                          neurons=["L2N3", "L2N9"], model_id="synthetic")
+
+
+def make_ras_series():
+    from mechcliff.neurons import RASSeries
+
+    def ras(x):
+        return {"delta_safe": x, "delta_math": 2 * x, "ras": 4 * x / 3, "n": 2, "n_invalid_safe": 0, "n_invalid_math": 0}
+
+    return RASSeries(checkpoints=["ft/step-10", "ft/step-20", "ft/adapter"], ras=[ras(0.1), ras(0.2), ras(0.3)],
+                     ras_random=[[ras(0.05)], [ras(0.04)], [ras(0.06)]],
+                     misalignment=[_rate(3, 10, False), _rate(4, 10, False), _rate(6, 10, False)],
+                     base_misalignment=_rate(2, 10, False), kl=[0.01, 0.02, 0.04], neurons=["L2N3", "L2N9"],
+                     base_model="synthetic")
+
+
 #: kind -> (factory, trace types its figure must have). A new result kind needs an entry here.
 FACTORIES = {
     "refusal_trace": (make_trace, {"scatter"}),
@@ -192,6 +281,13 @@ FACTORIES = {
     "selection": (make_selection, {"bar"}),
     "finetune": (make_finetune, {"scatter"}),
     "repair_curve": (make_repair_curve, {"scatter"}),
+    "safety_layers": (make_safety_layers, {"scatter", "bar"}),
+    "spectral_head_metrics": (make_spectral, {"heatmap", "scatter"}),
+    "mode_comparison": (make_mode_comparison, {"bar", "scatter"}),
+    "refusal_heads": (make_refusal_heads, {"heatmap"}),
+    "critical_neurons": (make_critical_neurons, {"bar"}),
+    "neuron_ablation": (make_neuron_ablation, {"bar"}),
+    "ras_series": (make_ras_series, {"scatter"}),
 }
 
 
