@@ -1015,6 +1015,10 @@ def run_command(args: Any) -> int:
     for m in METRICS:
         print(f"key heads by {m.upper()}: {', '.join(res.key_head_labels(m)) or 'none'}")
     print(f"key heads (B1-B3 union): {', '.join(res.key_head_labels()) or 'none'}")
+    gt = handle.ground_truth
+    if gt is not None:  # the organism: show the planted circuit next to what the metric found
+        print(f"planted suppression heads (organism): {', '.join(gt.planted_labels)}; harm detectors: "
+              f"{', '.join(f'L{l}H{h}' for l, h in gt.harm_detector_heads)}")
     print(f"result: {path}")
     print(f"figure: {html.resolve()}")
     return 0
