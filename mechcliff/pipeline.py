@@ -90,13 +90,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
         """Per-model defaults (:func:`default_config`) overridden by ``data``; unknown or mistyped options are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise MechcliffError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        model = data.get("model", "organism")
-        if not isinstance(model, str):
-            raise MechcliffError(f"{source}: option 'model' must be a string, got {model!r}")
+        model = check_options(cls, data, source)
         cfg = default_config(model, quick=bool(data.get("quick", False)))
         for k, v in data.items():
             setattr(cfg, k, v)
@@ -149,6 +143,18 @@ class RunConfig:
     def stage_hash(self, *fields: str) -> str:
         d = self.to_dict()
         return content_hash([{k: d[k] for k in sorted(fields)}])
+
+
+def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
+    """Reject options that are not fields of the config dataclass; return the (string) ``model`` option."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise MechcliffError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    model = data.get("model", "organism")
+    if not isinstance(model, str):
+        raise MechcliffError(f"{source}: option 'model' must be a string, got {model!r}")
+    return model
 
 
 def default_config(model: str, quick: bool = False) -> RunConfig:

@@ -82,14 +82,9 @@ class RepairCurveConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RepairCurveConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise MechcliffError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        model = data.get("model", "organism")
-        if not isinstance(model, str):
-            raise MechcliffError(f"{source}: option 'model' must be a string, got {model!r}")
-        cfg = default_repair_config(model)
+        from mechcliff.pipeline import check_options
+
+        cfg = default_repair_config(check_options(cls, data, source))
         defaults = dataclasses.asdict(cfg)
         for k, v in data.items():
             want = type(defaults[k]) if defaults[k] is not None else None
