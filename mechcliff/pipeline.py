@@ -34,7 +34,8 @@ class RunConfig:
 
     model: str = "organism"
     adapter: str | None = None  # fine-tuned weights applied to the model (see mechcliff.repair)
-    prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> prompt file ("" = built-in set)
+    # group -> prompt file; "" = the built-in set; "heldout:GROUP" = the learned organism's held-out evaluation set
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     n_per_group: int | None = None
     label_source: str = "auto"  # "behaviour" (refused vs complied), "dataset" (harmful vs harmless) or "auto"
     probe_layer: int | str = "best"
@@ -159,10 +160,15 @@ def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
 
 def default_config(model: str, quick: bool = False) -> RunConfig:
     """Defaults per model: the organism ablates 3 heads (its 32 heads make 3% a single head); ``quick`` on a real
-    model uses 40 prompts per group, shorter generations and 2 random-head sets."""
+    model uses 40 prompts per group, shorter generations and 2 random-head sets. The learned refusal organism runs
+    on its held-out prompts and jailbreak templates (:func:`mechcliff.learned_organism.heldout_sets`) with 5 random
+    head sets."""
     cfg = RunConfig(model=model, quick=quick)
     if model == "organism":
         cfg.ablation_top_k = 3
+    if model == "smollm2-refusal-organism":
+        cfg.prompts = {g: f"heldout:{g}" for g in ("harmless", "harmful", "harmful_jailbreak")}
+        cfg.n_random_sets = 5
     elif quick:
         cfg.n_per_group, cfg.max_think_tokens, cfg.max_answer_tokens, cfg.n_random_sets = 40, 32, 24, 2
     return cfg
@@ -256,7 +262,15 @@ class Run:
         groups: dict[str, list[Prompt]] = {}
         sources = self.cfg.prompts or {g: "" for g in BUILTIN_GROUPS}
         for group, src in sources.items():
-            items = builtin_prompts(group) if not src else load_prompts(src, group=group)
+            if src.startswith("heldout:"):
+                from mechcliff.learned_organism import heldout_sets
+
+                sets = heldout_sets()
+                if src[8:] not in sets:
+                    raise MechcliffError(f"prompts.{group}: unknown held-out set '{src[8:]}'; known: {', '.join(sets)}")
+                items = sets[src[8:]]
+            else:
+                items = builtin_prompts(group) if not src else load_prompts(src, group=group)
             for p in items:
                 p.group = group
             if self.cfg.n_per_group:

