@@ -115,12 +115,12 @@ def add_parsers(sub: Any) -> None:
 
 
 def _prompts(path: str | None, groups: tuple[str, ...], n: int | None, group: str) -> list:
-    from mechcliff.data import builtin_prompts, load_prompts
+    from mechcliff.data import builtin_prompts, prompt_source
 
     if n is not None and n < 1:
         raise MechcliffError(f"--n must be at least 1, got {n}")
     if path:
-        return load_prompts(path, group=group, limit=n)
+        return prompt_source(path, group=group, limit=n)
     out = []
     for g in groups:
         out += builtin_prompts(g)[:n] if n else builtin_prompts(g)

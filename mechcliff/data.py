@@ -520,6 +520,30 @@ def builtin_prompts(group: str | None = None) -> list[Prompt]:
     ]
 
 
+def prompt_source(src: str, group: str | None = None, limit: int | None = None) -> list[Prompt]:
+    """The prompts a config or command names: ``""`` is the built-in set of ``group``; ``"heldout:NAME"`` the
+    learned refusal organism's held-out set NAME (:func:`mechcliff.learned_organism.heldout_sets`: ``harmful``,
+    ``harmful_jailbreak``, ``harmless``); anything else a prompt file (:func:`load_prompts`). ``group`` (if given)
+    is assigned to every prompt."""
+    if src.startswith("heldout:"):
+        from mechcliff.learned_organism import heldout_sets
+
+        sets = heldout_sets()
+        if src[8:] not in sets:
+            raise MechcliffError(f"unknown held-out set '{src[8:]}' in {src!r}; known: {', '.join(sets)}")
+        items = sets[src[8:]]
+    elif not src:
+        if group is None:
+            raise MechcliffError("the built-in prompt set needs a group")
+        items = builtin_prompts(group)
+    else:
+        return load_prompts(src, group=group, limit=limit)
+    if group is not None:
+        for pr in items:
+            pr.group = group
+    return items[:limit] if limit is not None else items
+
+
 # --------------------------------------------------------------------------- provenance
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from mechcliff.data import (BUILTIN_GROUPS, Prompt, atomic_write_text, builtin_prompts, content_hash, load_prompts,
+from mechcliff.data import (BUILTIN_GROUPS, Prompt, atomic_write_text, content_hash, prompt_source,
                             load_rollouts, save_rollouts)
 from mechcliff.errors import MechcliffError
 
@@ -136,7 +136,7 @@ class RunConfig:
                 raise MechcliffError(f"{source}: option '{name}' must be >= 0")
         for g, f in self.prompts.items():
             if not isinstance(f, str):
-                raise MechcliffError(f"{source}: prompts.{g} must be a file path (or \"\" for the built-in set)")
+                raise MechcliffError(f"{source}: prompts.{g} must be a file path, \"\" for the built-in set or \"heldout:GROUP\"")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,15 +262,7 @@ class Run:
         groups: dict[str, list[Prompt]] = {}
         sources = self.cfg.prompts or {g: "" for g in BUILTIN_GROUPS}
         for group, src in sources.items():
-            if src.startswith("heldout:"):
-                from mechcliff.learned_organism import heldout_sets
-
-                sets = heldout_sets()
-                if src[8:] not in sets:
-                    raise MechcliffError(f"prompts.{group}: unknown held-out set '{src[8:]}'; known: {', '.join(sets)}")
-                items = sets[src[8:]]
-            else:
-                items = builtin_prompts(group) if not src else load_prompts(src, group=group)
+            items = prompt_source(src, group=group)
             for p in items:
                 p.group = group
             if self.cfg.n_per_group:

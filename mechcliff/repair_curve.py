@@ -29,11 +29,10 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from mechcliff.data import (Prompt, Rollout, atomic_write_text, builtin_prompts, content_hash, load_prompts,
-                            load_rollouts, save_rollouts)
+from mechcliff.data import Prompt, Rollout, atomic_write_text, content_hash, load_rollouts, prompt_source, save_rollouts
 from mechcliff.errors import MechcliffError
 from mechcliff.results import Result
-from mechcliff.selection import METHODS, CandidatePool, Selection, select
+from mechcliff.selection import METHODS, CandidatePool, select
 from mechcliff.stats import Rate
 
 POINT_FIELDS = ("method", "fraction", "asr", "asr_low", "asr_high", "harmless_refusal", "capability")
@@ -123,13 +122,17 @@ class RepairCurveConfig:
 
 def default_repair_config(model: str = "organism") -> RepairCurveConfig:
     """Per-model defaults: the organism trains at lr 1e-2 (its hand-set weights are large); real models at 1e-4,
-    with fewer budgets and one seed so that a CPU run stays within an hour."""
+    with fewer budgets and one seed so that a CPU run stays within an hour; the learned refusal organism on its
+    held-out prompts and templates."""
     cfg = RepairCurveConfig(model=model)
     if model == "organism":
         cfg.finetune = {"lr": 1e-2}
-    else:
-        cfg.finetune = {"lr": 1e-4}
-        cfg.fractions, cfg.seeds, cfg.n_per_group = [0.05, 0.1, 0.25, 0.5], 1, 40
+        return cfg
+    cfg.finetune = {"lr": 1e-4}
+    cfg.fractions, cfg.seeds, cfg.n_per_group = [0.05, 0.1, 0.25, 0.5], 1, 40
+    if model == "smollm2-refusal-organism":  # its held-out prompts and templates, as in `mechcliff run`
+        cfg.attack = {g: f"heldout:{g}" for g in ("harmful", "harmful_jailbreak")}
+        cfg.harmless = "heldout:harmless"
     return cfg
 
 
@@ -294,16 +297,14 @@ class RepairCurveRun:
         c = self.cfg
         sets: dict[str, list[Prompt]] = {"pool": [], "eval_attack": []}
         for g, src in c.attack.items():
-            items = builtin_prompts(g) if not src else load_prompts(src, group=g)
-            for p in items:
-                p.group = g
+            items = prompt_source(src, group=g)
             items = items[: c.n_per_group] if c.n_per_group else items
             if not items:
                 raise MechcliffError(f"attack prompt group '{g}' is empty")
             tr, ev = _split(items, float(c.eval_fraction.get(g, 0.5)), c.seed)
             sets["pool"] += tr
             sets["eval_attack"] += ev
-        hl = builtin_prompts("harmless") if not c.harmless else load_prompts(c.harmless, group="harmless")
+        hl = prompt_source(c.harmless, group="harmless")
         hl = hl[: c.n_per_group] if c.n_per_group else hl
         if len(hl) < 2:
             raise MechcliffError("the harmless prompt set needs at least 2 prompts (training mix and evaluation)")
