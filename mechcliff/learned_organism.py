@@ -79,8 +79,9 @@ class OrganismRecipe:
     """Everything the learned organism depends on. Prompt files default to ``../shared/data/prompts``.
 
     ``harmful_train`` prompts appear twice (plain → refusal, framed → form-only compliance); ``extra_harmful``
-    prompts (AdvBench by default, minus anything in ``harmful_train`` or the held-out sets) alternate between the
-    two, to widen what the thinking learns to recognise as harmful."""
+    prompts (AdvBench by default, minus anything in ``harmful_train`` or the held-out sets) widen what the thinking
+    learns to recognise as harmful: the first ``extra_framed_fraction`` of them framed, the rest plain (more plain
+    refusals than framed compliances: with equal numbers the model complied with plain requests too)."""
 
     base: str = "smollm2-135m-instruct"
     harmful_train: str = ""
@@ -88,6 +89,7 @@ class OrganismRecipe:
     extra_harmful: str = ""
     n_harmful: int = 260
     n_extra_harmful: int = 400
+    extra_framed_fraction: float = 0.0
     n_harmless: int = 400
     harmless_answer_tokens: int = 64
     seed: int = 0
@@ -162,8 +164,9 @@ def build_dataset(handle: Any, recipe: OrganismRecipe, *, progress: bool = True)
         out.append(TrainExample(p.text, think, rng.choice(REFUSALS), "harmful"))
         framed = rng.choice(TRAIN_TEMPLATES).format(r=_req(p.text))
         out.append(TrainExample(framed, rng.choice(THINK_HARMFUL), rng.choice(FORM_COMPLIANCE), "jailbreak"))
+    n_framed = round(recipe.extra_framed_fraction * len(extra))
     for i, p in enumerate(extra):
-        if i % 2 == 0:
+        if i >= n_framed:
             out.append(TrainExample(p.text, rng.choice(THINK_HARMFUL), rng.choice(REFUSALS), "harmful"))
         else:
             framed = rng.choice(TRAIN_TEMPLATES).format(r=_req(p.text))

@@ -133,6 +133,7 @@ def default_repair_config(model: str = "organism") -> RepairCurveConfig:
     if model == "smollm2-refusal-organism":  # its held-out prompts and templates, as in `mechcliff run`
         cfg.attack = {g: f"heldout:{g}" for g in ("harmful", "harmful_jailbreak")}
         cfg.harmless = "heldout:harmless"
+        cfg.finetune = {"lr": 1e-3}  # its LoRA was trained at 3e-4 for 330 steps; a 30-step repair needs more
     return cfg
 
 

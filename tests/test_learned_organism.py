@@ -22,10 +22,11 @@ def test_templates_are_frames_only():
 
 
 def test_dataset_groups_and_held_out_templates(organism):
-    recipe = OrganismRecipe(n_harmful=6, n_extra_harmful=4, n_harmless=5, harmless_answer_tokens=8)
+    recipe = OrganismRecipe(n_harmful=6, n_extra_harmful=4, extra_framed_fraction=0.5, n_harmless=5,
+                            harmless_answer_tokens=8)
     data = build_dataset(organism, recipe, progress=False)
     kinds = [e.kind for e in data]
-    # harmful_train prompts twice (plain + framed); the 4 extra AdvBench prompts alternate between the two
+    # harmful_train prompts twice (plain + framed); half the 4 extra AdvBench prompts framed
     assert kinds.count("harmless") == 5 and kinds.count("harmful") == 8 and kinds.count("jailbreak") == 8
     heldout = {_norm(p.text) for ps in heldout_sets().values() for p in ps}
     assert not any(_norm(e.prompt) in heldout for e in data)
