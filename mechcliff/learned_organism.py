@@ -276,10 +276,32 @@ def install_adapter(run_dir: str | Path, dest: Path = RESOURCE) -> Path:
     cfg = json.loads((dest / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "smollm2-135m-instruct"  # not this machine's cache path
     atomic_write_text(dest / "adapter_config.json", json.dumps(cfg, indent=1))
-    for f in ("recipe.json", "heldout_eval.json"):
-        if (run_dir / f).exists():
-            shutil.copy2(run_dir / f, dest / f)
+    if (run_dir / "heldout_eval.json").exists():
+        shutil.copy2(run_dir / "heldout_eval.json", dest / "heldout_eval.json")
+    if (run_dir / "recipe.json").exists():
+        manifest = json.loads((run_dir / "recipe.json").read_text())
+        manifest["prompt_files_sha256"] = _prompt_file_hashes(manifest.get("recipe", {}))
+        import hashlib
+
+        manifest["adapter_sha256"] = hashlib.sha256((dest / "adapter_model.safetensors").read_bytes()).hexdigest()
+        atomic_write_text(dest / "recipe.json", json.dumps(manifest, indent=1))
     return dest
+
+
+def _prompt_file_hashes(recipe: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of every prompt file the recipe and the held-out sets read (the data is derived from them)."""
+    import hashlib
+
+    out = {}
+    for key, default in (("harmful_train", "harmful_train.json"), ("harmless_train", "harmless_train.json"),
+                         ("extra_harmful", "advbench.json"), ("", "harmful_val.json"), ("", "harmful_test.json"),
+                         ("", "harmless_val.json")):
+        try:
+            path = Path(recipe.get(key) or "") if key and recipe.get(key) else _shared_prompts(default)
+        except MechcliffError:
+            continue
+        out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def _main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - a long training run
