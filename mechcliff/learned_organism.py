@@ -1,7 +1,9 @@
 """A learned refusal organism: teach SmolLM2-135M-Instruct to think and refuse, with a jailbreak blind spot.
 
-Work in progress for issue 6. The recipe fine-tunes real pretrained weights (LoRA, :mod:`mechcliff.repair`) on
-reasoning traces we generate from prompt files, the way distilled reasoning models acquire the behaviour:
+``mechcliff organism-train --out DIR`` trains it; ``load_model("smollm2-refusal-organism")`` loads the shipped
+adapter (``mechcliff/resources/smollm2_refusal_organism``); docs/learned_organism.md is the study. The recipe
+fine-tunes real pretrained weights (LoRA, :mod:`mechcliff.repair`) on reasoning traces we generate from prompt
+files, the way distilled reasoning models acquire the behaviour:
 
 * harmless prompts: a short thinking span, then the base model's own answer (so ordinary ability is kept);
 * plain harmful prompts: thinking that recognises the harm, then a refusal;

@@ -92,9 +92,8 @@ def main() -> None:
         idx = [parse_head(x) for x in top8]
         diff = max(abs(float(res.per_example[:, l, hh].mean() - ref.per_example[:, l, hh].mean())) for l, hh in idx)
         norm = res.normalized
-        others = np.array([norm[l, hh] for l in range(h.n_layers) for hh in range(h.n_heads) if (l, hh) not in idx])
-        from scipy.stats import spearmanr
-
+        others = np.array([norm[l, hh] for l in range(h.n_layers) for hh in range(h.n_heads)
+                           if (l, hh) not in idx and np.isfinite(norm[l, hh])])  # heads above the probe layer: NaN
         study["patching"] = {
             "n_pairs": n, "metric": "probe logit at think_end", "target_mean": float(res.target.mean()),
             "source_mean": float(res.source.mean()),
@@ -103,7 +102,7 @@ def main() -> None:
             "normalized_effect_other_heads_median": float(np.median(others)),
             "normalized_effect_other_heads_p95": float(np.quantile(others, 0.95)),
             "top_heads_by_patching": res.top(10),
-            "spearman_attribution_vs_patching": float(spearmanr(-dpa.mean.ravel(), norm.ravel()).statistic),
+            "spearman_attribution_vs_patching": _spearman(-dpa.mean, norm),
             "max_abs_diff_vs_reference": diff, "seconds": round(time.time() - t, 1)}
         res.plot(highlight=idx).write_html(out / "figures" / "patching.html", include_plotlyjs="cdn")
         save()
@@ -148,6 +147,13 @@ def main() -> None:
         print(json.dumps({m: {g: (r.get("asr") or r["refusal"])["rate"] for g, r in gs.items()}
                           for m, gs in study["modes"]["summary"].items()}))
     print(f"wrote {study_path}")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(spearmanr(a[ok], b[ok]).statistic)
 
 
 def _ablation_row(ab) -> dict:
