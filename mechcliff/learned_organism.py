@@ -296,10 +296,10 @@ def _prompt_file_hashes(recipe: dict[str, Any]) -> dict[str, str]:
 
     out = {}
     for key, default in (("harmful_train", "harmful_train.json"), ("harmless_train", "harmless_train.json"),
-                         ("extra_harmful", "advbench.json"), ("", "harmful_val.json"), ("", "harmful_test.json"),
-                         ("", "harmless_val.json")):
+                         ("extra_harmful", "advbench.json"), ("heldout", "harmful_val.json"),
+                         ("heldout", "harmful_test.json"), ("heldout", "harmless_val.json")):
         try:
-            path = Path(recipe.get(key) or "") if key and recipe.get(key) else _shared_prompts(default)
+            path = Path(recipe[key]) if recipe.get(key) else _shared_prompts(default)
         except MechcliffError:
             continue
         out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()

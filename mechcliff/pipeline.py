@@ -166,7 +166,7 @@ def default_config(model: str, quick: bool = False) -> RunConfig:
     cfg = RunConfig(model=model, quick=quick)
     if model == "organism":
         cfg.ablation_top_k = 3
-    if model == "smollm2-refusal-organism":
+    elif model == "smollm2-refusal-organism":
         cfg.prompts = {g: f"heldout:{g}" for g in ("harmless", "harmful", "harmful_jailbreak")}
         cfg.n_random_sets = 5
     elif quick:
@@ -263,8 +263,6 @@ class Run:
         sources = self.cfg.prompts or {g: "" for g in BUILTIN_GROUPS}
         for group, src in sources.items():
             items = prompt_source(src, group=group)
-            for p in items:
-                p.group = group
             if self.cfg.n_per_group:
                 items = items[: self.cfg.n_per_group]
             if not items:
