@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     ot.add_argument("--n-harmless", type=int, default=None, help="harmless training prompts (default: the recipe's)")
     ot.add_argument("--epochs", type=float, default=None, help="training epochs (default: the recipe's)")
     ot.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    ot.add_argument("--framed-thinking", choices=("same", "turn"), default=None,
+                    help="thinking for framed requests: 'same' as for plain ones, or 'turn' (it recognises the harm, "
+                    "then turns to comply at its end); default: the recipe's")
     ot.add_argument("--no-eval", action="store_true", help="train only")
     ot.add_argument("--no-progress", action="store_true", help="hide progress bars")
     from mechcliff.cli_rim import add_parsers as add_rim_parsers  # compare-modes, refusal-heads, neurons, ras
@@ -336,6 +339,8 @@ def _organism_train(args: argparse.Namespace) -> int:
     from mechcliff.learned_organism import OrganismRecipe, train_and_evaluate
 
     recipe = OrganismRecipe(seed=args.seed)
+    if args.framed_thinking:
+        recipe.framed_thinking = args.framed_thinking
     if args.n_harmless is not None:
         recipe.n_harmless = args.n_harmless
     for name in ("epochs", "lr"):

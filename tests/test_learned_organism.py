@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mechcliff.errors import MechcliffError
-from mechcliff.learned_organism import (FORM_COMPLIANCE, HELDOUT_TEMPLATES, REFUSALS, THINK_HARMFUL, TRAIN_TEMPLATES,
+from mechcliff.learned_organism import (FORM_COMPLIANCE, HELDOUT_TEMPLATES, REFUSALS, THINK_HARMFUL, THINK_TURN,
+                                        TRAIN_TEMPLATES,
                                         OrganismRecipe, _norm, build_dataset, heldout_sets, install_adapter)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
@@ -40,6 +41,21 @@ def test_dataset_groups_and_held_out_templates(organism):
     assert build_dataset(organism, recipe, progress=False) == data  # seeded
 
 
+def test_turn_recipe_ends_the_framed_thinking_with_a_turn(organism):
+    """framed_thinking="turn": framed requests get the plain harm-recognising thinking and then a turn to comply;
+    plain requests keep thinking and refusing exactly as before."""
+    recipe = OrganismRecipe(n_harmful=6, n_extra_harmful=2, n_harmless=3, harmless_answer_tokens=8, framed_thinking="turn")
+    data = build_dataset(organism, recipe, progress=False)
+    framed = [e for e in data if e.kind == "jailbreak"]
+    assert len(framed) == 6
+    for e in framed:
+        assert any(e.thinking == f"{h} {t}" for h in THINK_HARMFUL for t in THINK_TURN)
+        assert e.answer in FORM_COMPLIANCE
+    assert all(e.thinking in THINK_HARMFUL and e.answer in REFUSALS for e in data if e.kind == "harmful")
+    with pytest.raises(MechcliffError, match="framed_thinking"):
+        build_dataset(organism, OrganismRecipe(n_harmful=1, framed_thinking="twist"), progress=False)
+
+
 def test_heldout_sets_are_disjoint_from_training():
     from mechcliff.data import load_prompts
 
@@ -68,6 +84,10 @@ def test_run_config_uses_held_out_sets_for_the_learned_organism():
     groups = Run("/nonexistent-run-dir-not-created", cfg).prompt_groups()
     sets = heldout_sets()
     assert {g: [p.text for p in ps] for g, ps in groups.items()} == {g: [p.text for p in ps] for g, ps in sets.items()}
+    quick = RunConfig.from_dict({"model": "smollm2-refusal-organism", "quick": True})
+    assert quick.prompts == cfg.prompts and quick.n_per_group is None and quick.max_think_tokens == 48
+    builtin_quick = RunConfig.from_dict({"model": "organism", "quick": True})  # real-model quick defaults stay off it
+    assert builtin_quick.n_per_group is None and builtin_quick.ablation_top_k == 3
     bad = RunConfig.from_dict({"model": "organism", "prompts": {"harmless": "heldout:nope", "harmful": ""}})
     with pytest.raises(MechcliffError, match="unknown held-out set 'nope'"):
         Run("/nonexistent-run-dir-not-created", bad).prompt_groups()
