@@ -11,6 +11,9 @@ attribution) and writes to ``--out STUDY``:
 * ``ablation_1pct/``, ``ablation_10pct/``: zero-ablation (γ = 0) of the top 1% and 10% of heads by attribution,
   against random same-size sets (the top 3% is the run's own ``ablation/``).
 * ``modes/``: thinking on vs off (an empty thinking block, SmolLM2's template has no switch) on the same prompts.
+* ``probe_variants`` (in ``study.json``): the cliff statistics under other probes than the run's: fitted on the
+  harmless and plain harmful rollouts only at several layers, and on all three groups. Whether a cliff shows up
+  must not hinge on one choice of probe.
 * ``study.json``: every number, and ``figures/*.html``.
 
 Usage::
@@ -36,7 +39,7 @@ def main() -> None:
     ap.add_argument("--n-patch", type=int, default=24, help="target/source pairs for patching")
     ap.add_argument("--n-modes", type=int, default=40, help="prompts per group for thinking on vs off")
     ap.add_argument("--n-random", type=int, default=5, help="random head sets per ablation size")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: patching, ablation, modes")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: patching, ablation, modes, probes")
     a = ap.parse_args()
 
     from mechcliff import load_model
@@ -146,6 +149,31 @@ def main() -> None:
         save()
         print(json.dumps({m: {g: (r.get("asr") or r["refusal"])["rate"] for g, r in gs.items()}
                           for m, gs in study["modes"]["summary"].items()}))
+    # 4. the cliff under other probes (behaviour labels; different layers and training groups)
+    if "probes" not in skip:
+        from mechcliff.generation import encode_rollouts
+        from mechcliff.probe import fit_probe
+        from mechcliff.trace import trace_refusal
+
+        t = time.time()
+        everything = [r for g in ("harmless", "harmful", "harmful_jailbreak") for r in rolls[g]]
+        enc_all = encode_rollouts(h, everything)
+        variants = {}
+        for pool, layers in ((("harmless", "harmful"), ("best", h.n_layers - 1, 24, 20)),
+                             (("harmless", "harmful", "harmful_jailbreak"), ("best", h.n_layers - 1))):
+            rs = [r for g in pool for r in rolls[g]]
+            for layer in layers:
+                p = fit_probe(h, encode_rollouts(h, rs), [int(bool(r.meta.get("refused"))) for r in rs], layer=layer,
+                              position=cfg.position, seed=cfg.seed)
+                gs = trace_refusal(h, enc_all, p, groups=[r.group for r in everything]).group_stats()
+                name = f"{'+'.join(pool)} @ layer {p.layer}"
+                variants[name] = {"layer": p.layer, "val_accuracy": p.metrics.get("val_accuracy"),
+                                  "groups": {g: {k: float(v[k]) for k in ("plateau_mean", "plateau_max", "final", "ms")}
+                                             for g, v in gs.items()}}
+                print(name + ": " + ", ".join(f"{g} MS {v['ms']:+.2f}" for g, v in variants[name]["groups"].items()),
+                      flush=True)
+        study["probe_variants"] = {"variants": variants, "seconds": round(time.time() - t, 1)}
+        save()
     print(f"wrote {study_path}")
 
 
