@@ -38,6 +38,9 @@ class RunConfig:
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     n_per_group: int | None = None
     label_source: str = "auto"  # "behaviour" (refused vs complied), "dataset" (harmful vs harmless) or "auto"
+    # groups whose rollouts train the probe; the paper's pool is harmless + plain harmful (the attack group is out
+    # of distribution); adding "harmful_jailbreak" fits the probe to complied jailbreaks too
+    probe_groups: list[str] = dataclasses.field(default_factory=lambda: ["harmless", "harmful"])
     probe_layer: int | str = "best"
     position: str = "think_end"
     plateau: str = "mean"
@@ -103,7 +106,7 @@ class RunConfig:
         "position": (str,), "plateau": (str,), "max_think_tokens": (int,), "max_answer_tokens": (int,),
         "temperature": (int, float), "batch_size": (int,), "seed": (int,), "enable_thinking": (bool,),
         "ablation_top_k": (int, type(None)), "ablation_mode": (str,), "ablation_gamma": (int, float),
-        "n_random_sets": (int,), "quick": (bool,), "prompts": (dict,),
+        "n_random_sets": (int,), "quick": (bool,), "prompts": (dict,), "probe_groups": (list,),
     }
 
     def validate(self, source: str = "config") -> None:
@@ -134,6 +137,8 @@ class RunConfig:
         for name in ("max_think_tokens", "max_answer_tokens", "n_random_sets"):
             if getattr(self, name) < 0:
                 raise MechcliffError(f"{source}: option '{name}' must be >= 0")
+        if not self.probe_groups or not all(isinstance(g, str) for g in self.probe_groups):
+            raise MechcliffError(f"{source}: option 'probe_groups' must be a non-empty list of group names")
         for g, f in self.prompts.items():
             if not isinstance(f, str):
                 raise MechcliffError(f"{source}: prompts.{g} must be a file path, \"\" for the built-in set or \"heldout:GROUP\"")
@@ -228,7 +233,7 @@ class Run:
     STAGE_FIELDS = {
         "rollouts": ("model", "adapter", "prompts", "n_per_group", "max_think_tokens", "max_answer_tokens", "temperature",
                      "seed", "enable_thinking", "quick"),
-        "probe": ("label_source", "probe_layer", "position"),
+        "probe": ("label_source", "probe_layer", "position", "probe_groups"),
         "trace": ("plateau",),
         "attribution": (),
         "ablation": ("ablation_top_k", "ablation_mode", "ablation_gamma", "n_random_sets"),
@@ -398,8 +403,11 @@ class Run:
         from mechcliff.generation import encode_rollouts
         from mechcliff.probe import fit_probe
 
+        missing = [g for g in self.cfg.probe_groups if g not in rollouts]
+        if missing and self.cfg.probe_groups != ["harmless", "harmful"]:
+            raise MechcliffError(f"probe_groups {missing} are not among this run's groups ({', '.join(rollouts)})")
         h = self.model()
-        pool = [r for g in ("harmless", "harmful") if g in rollouts for r in rollouts[g]]
+        pool = [r for g in self.cfg.probe_groups if g in rollouts for r in rollouts[g]]
         if not pool:
             pool = [r for rs in rollouts.values() for r in rs]
         behaviour = [int(r.meta.get("refused", False)) for r in pool]

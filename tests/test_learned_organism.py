@@ -93,6 +93,18 @@ def test_run_config_uses_held_out_sets_for_the_learned_organism():
         Run("/nonexistent-run-dir-not-created", bad).prompt_groups()
 
 
+def test_probe_groups_option():
+    """The probe's training pool is configurable (attempt 5 of the study fits it on all three groups)."""
+    from mechcliff.pipeline import Run, RunConfig
+
+    assert RunConfig.from_dict({"model": "organism"}).probe_groups == ["harmless", "harmful"]
+    with pytest.raises(MechcliffError, match="probe_groups"):
+        RunConfig.from_dict({"model": "organism", "probe_groups": []})
+    cfg = RunConfig.from_dict({"model": "organism", "probe_groups": ["harmless", "harmful_jailbreak"]})
+    with pytest.raises(MechcliffError, match=r"probe_groups \['harmful_jailbreak'\] are not among"):
+        Run("/nonexistent-run-dir-not-created", cfg)._fit_probe({"harmless": [], "harmful": []})
+
+
 def test_install_adapter_rewrites_the_base_path(tmp_path):
     import json
 
