@@ -9,8 +9,8 @@ import pytest
 
 from mechcliff.errors import MechcliffError
 from mechcliff.learned_organism import (FORM_COMPLIANCE, HELDOUT_TEMPLATES, REFUSALS, THINK_HARMFUL, THINK_TURN,
-                                        TRAIN_TEMPLATES,
-                                        OrganismRecipe, _norm, build_dataset, heldout_sets, install_adapter)
+                                        TRAIN_TEMPLATES, OrganismRecipe, _norm, build_dataset, heldout_sets,
+                                        install_adapter)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data/prompts (the project's prompt sets)")
@@ -43,7 +43,7 @@ def test_dataset_groups_and_held_out_templates(organism):
 
 def test_turn_recipe_ends_the_framed_thinking_with_a_turn(organism):
     """framed_thinking="turn": framed requests get the plain harm-recognising thinking and then a turn to comply;
-    plain requests keep thinking and refusing exactly as before."""
+    plain requests still get the plain thinking and a refusal."""
     recipe = OrganismRecipe(n_harmful=6, n_extra_harmful=2, n_harmless=3, harmless_answer_tokens=8, framed_thinking="turn")
     data = build_dataset(organism, recipe, progress=False)
     framed = [e for e in data if e.kind == "jailbreak"]
