@@ -403,8 +403,9 @@ class Run:
         from mechcliff.generation import encode_rollouts
         from mechcliff.probe import fit_probe
 
+        # the default pool may be absent (runs on other prompt groups fall back to every rollout); a chosen one may not
         missing = [g for g in self.cfg.probe_groups if g not in rollouts]
-        if missing and self.cfg.probe_groups != ["harmless", "harmful"]:
+        if missing and self.cfg.probe_groups != RunConfig().probe_groups:
             raise MechcliffError(f"probe_groups {missing} are not among this run's groups ({', '.join(rollouts)})")
         h = self.model()
         pool = [r for g in self.cfg.probe_groups if g in rollouts for r in rollouts[g]]

@@ -162,9 +162,9 @@ def main() -> None:
         for pool, layers in ((("harmless", "harmful"), ("best", h.n_layers - 1, 24, 20)),
                              (("harmless", "harmful", "harmful_jailbreak"), ("best", h.n_layers - 1))):
             rs = [r for g in pool for r in rolls[g]]
+            enc_pool, labels = encode_rollouts(h, rs), [int(bool(r.meta.get("refused"))) for r in rs]
             for layer in layers:
-                p = fit_probe(h, encode_rollouts(h, rs), [int(bool(r.meta.get("refused"))) for r in rs], layer=layer,
-                              position=cfg.position, seed=cfg.seed)
+                p = fit_probe(h, enc_pool, labels, layer=layer, position=cfg.position, seed=cfg.seed)
                 gs = trace_refusal(h, enc_all, p, groups=[r.group for r in everything]).group_stats()
                 name = f"{'+'.join(pool)} @ layer {p.layer}"
                 variants[name] = {"layer": p.layer, "val_accuracy": p.metrics.get("val_accuracy"),
