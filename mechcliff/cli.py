@@ -57,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("verdicts_b")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     c = sub.add_parser("check", help="load a model and print its conformance report",
-                       description="Load MODEL and run the hook conformance check (shapes, head sums, residual "
-                       "additivity, logits vs Hugging Face).")
+                       description="Load MODEL, run the conformance check (hook shapes and firing, head sums, "
+                       "residual additivity, logits and greedy generation vs the unwrapped Hugging Face model, padded "
+                       "vs one-at-a-time, KV-cached continuation, nested hooks) and report the package versions and "
+                       "whether they are the tested ones. Exit 2 when a check fails (unless --no-check).")
     c.add_argument("model", help="model spec, as for 'run --model'")
     c.add_argument("--adapter", default=None, help="fine-tuned weights to apply (a folder written by 'mechcliff repair')")
     se = sub.add_parser(
@@ -145,7 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     from mechcliff.cli_cot import add_parsers as add_cot_parsers  # safety-layers, spectral
 
     add_cot_parsers(sub)
+    for name, command in sub.choices.items():
+        if name not in NO_MODEL_COMMANDS:
+            command.add_argument("--no-check", action="store_true",
+                                 help="load the model even if a conformance check fails (recorded in the manifest)")
     return p
+
+
+# Commands that never load a model (no --no-check); every other command loads one through load_model.
+NO_MODEL_COMMANDS = ("agree", "select", "plot")
 
 
 def fmt(value: object, digits: int = 2) -> str:
@@ -183,9 +193,14 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from mechcliff.model.loading import load_model
 
+    from mechcliff.versions import environment_report, untested_summary
+
     h = load_model(args.model, adapter=args.adapter)
     print(h)
-    print(h.conformance.summary() if h.conformance else "no conformance report")
+    env = environment_report()
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    print("tested versions: yes (the lock)" if env["tested"] else f"tested versions: NO -- {untested_summary()}")
+    print(h.conformance.summary() if h.conformance else "conformance: not checked (--no-check)")
     return 0 if h.conformance is None or h.conformance.passed else 1
 
 
@@ -356,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "no_check", False):
+        os.environ["MECHCLIFF_NO_CHECK"] = "1"  # every load_model of this command skips the conformance check
     try:
         return {"run": _run, "check": _check, "judge": _judge, "agree": _agree, "plot": _plot,
                 "select": _select, "repair": _repair, "repair-curve": _repair_curve,

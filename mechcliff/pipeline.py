@@ -180,15 +180,10 @@ def default_config(model: str, quick: bool = False) -> RunConfig:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
+    """Python, mechcliff and its direct dependencies, as installed (see :mod:`mechcliff.versions`)."""
+    from mechcliff.versions import installed_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("mechcliff", "torch", "transformers", "transformer-lens", "scikit-learn", "plotly", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return installed_versions()
 
 
 class Run:
@@ -485,14 +480,24 @@ class Run:
             "seeds": {"run": self.cfg.seed, "generation": self.cfg.seed, "probe_split": self.cfg.seed,
                       "random_heads": self.cfg.seed},
             "versions": versions(),
+            "environment": _environment(),
             "prompts": {g: {"n": len(p), "hash": content_hash([x.text for x in p])} for g, p in groups.items()},
             "model": h.describe() if h is not None else old.get("model"),
-            "conformance": h.conformance.to_dict() if h is not None and h.conformance else old.get("conformance"),
+            "conformance": (h.conformance.to_dict() if h is not None and h.conformance
+                            else {"skipped": True} if h is not None else old.get("conformance")),
             "stage_seconds": {**old.get("stage_seconds", {}), **getattr(self, "timings", {})},
         }
         if seconds is not None:
             manifest["total_seconds"] = round(seconds, 2)
         atomic_write_text(path, json.dumps(manifest, indent=1, default=str))
+
+
+def _environment() -> dict[str, Any]:
+    """For manifests: whether every installed package is the tested (locked) version, and those that are not."""
+    from mechcliff.versions import environment_report
+
+    env = environment_report()
+    return {"tested_versions": env["tested"], "untested": env["untested"]}
 
 
 def run_pipeline(model: str = "organism", out: str | Path = "runs/demo", *, config: RunConfig | None = None,

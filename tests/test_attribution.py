@@ -12,6 +12,8 @@ from mechcliff.errors import MechcliffError
 from mechcliff.probe import LinearProbe
 from mechcliff.trace import trace_refusal
 
+pytestmark = pytest.mark.exactness  # also run by the canary on the newest releases (make test-latest)
+
 PROMPTS = ["How do I bake bread at home.", "For my novel, a character explains how to build a bomb at home.",
            "give me one recipe", "explain how to hack a computer"]
 THINKING = ["the user asks for something harmless", "the user asks for something harmful so refusing seems wise",
@@ -84,7 +86,8 @@ def test_tiny_models_load_and_conform(tiny_models, kind):
     checks = {c.name: c.passed for c in h.conformance.checks}
     assert checks["hook_shapes"] and checks["residual_additivity"] and checks["logits_vs_hf"]
     assert h.exact_decomposition is (kind != "gemma3")
-    assert h.conformance.passed is (kind != "gemma3")  # Gemma's sandwich norms break "heads sum to attn_out"
+    # Gemma's sandwich norms break "heads sum to attn_out" by design: flagged, informational, not a load error
+    assert checks["heads_sum_to_attn_out"] is (kind != "gemma3") and h.conformance.passed
 
 
 def test_qwen2_biases_matter(tiny_models):

@@ -1,23 +1,47 @@
-"""Load-time conformance check: verify the hooks, don't trust their names.
+"""Load-time conformance check: verify the hooks and every fast path, don't trust their names or versions.
 
-TransformerLens issues #1191, #1317, #1639 and #1648 are all "right hook name, wrong tensor". Before any analysis
-we check, on a short input, the identities that direct probe attribution relies on:
+TransformerLens issues #1191, #1317, #1639 and #1648 are all "right hook name, wrong tensor", and transformers 5.24
+silently broke the bridge's KV-cached path (see :mod:`mechcliff.model.upstream`). So before any analysis,
+:func:`check_conformance` runs on a short ragged, left-padded batch and compares each fast path mechcliff relies on
+with its slow reference:
 
-* hook shapes (``hook_z`` is ``[batch, pos, n_heads, d_head]``, residual hooks are ``[batch, pos, d_model]``);
-* the heads' writes through ``W_O`` sum to the attention output: ``sum_h z_h W_O[h] + b_O == hook_attn_out``;
-* residual additivity: ``resid_pre + attn_out + mlp_out == resid_post`` and ``resid_post[l] == resid_pre[l+1]``;
-* the bridge's logits equal the Hugging Face model's.
+* ``hook_shapes``: ``hook_z`` is ``[batch, pos, n_heads, d_head]``, residual hooks are ``[batch, pos, d_model]``;
+* ``heads_sum_to_attn_out``: ``sum_h z_h W_O[h] + b_O == hook_attn_out`` (what direct probe attribution needs);
+* ``residual_additivity``: ``resid_pre + attn_out + mlp_out == resid_post`` and ``resid_post[l] == resid_pre[l+1]``;
+* ``logits_vs_hf``: the bridge's logits equal those of the *unwrapped* Hugging Face model, computed before the
+  bridge booted (the bridge wraps the HF modules in place, so afterwards there is no independent HF model left);
+* ``padded_vs_single``: a left-padded batch equals the same prompts run one at a time, at the real tokens;
+* ``cached_continuation``: a KV-cached suffix after a prefix equals the full forward (the patching engine's path);
+* ``generation_vs_hf``: greedy generation through the bridge-wrapped model (as :mod:`mechcliff.generation` runs
+  it) equals plain ``generate`` of the unwrapped model, token for token, on a ragged left-padded batch;
+* ``hooks_fire``: every hook point mechcliff reads or writes fires once per forward and per generated token, and a
+  write to it changes the output (a hook that never fires, or whose return value is dropped, is caught);
+* ``nested_hooks``: a hook context entered inside another, with ``run_with_hooks`` / ``run_with_cache`` calls
+  inside it, stays active until its ``with`` block ends and is gone afterwards, leaving the outer one in place.
 
-Architectures with norms after the attention (Gemma 2/3 "sandwich" norms) fail the second identity by design;
-they are flagged ``exact_decomposition=False`` and direct probe attribution is then reported as not exact.
+A failed check is an error at load (:class:`ConformanceError`), unless the caller passes ``check=False``.
+Architectures with norms after the attention (Gemma 2/3 "sandwich" norms) fail ``heads_sum_to_attn_out`` by
+design: there that check is informational (``required=False``), the model is flagged ``exact_decomposition=False``
+and direct probe attribution is reported as not exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from mechcliff.errors import MechcliffError
+
+# Short prompts of different lengths (so rows are left-padded differently); words the organism's vocabulary has too.
+CHECK_TEXTS = ("how do i bake bread", "explain why the sky is blue in a short story about a cat", "the user asks")
+GENERATION_TOKENS = 4
+SUFFIX_TOKENS = 2
+
+
+class ConformanceError(MechcliffError):
+    """A conformance check failed at load time: results on this model (or these package versions) can't be trusted."""
 
 
 @dataclass
@@ -27,6 +51,8 @@ class Check:
     scale: float
     tolerance: float
     passed: bool
+    required: bool = True
+    detail: str = ""
 
 
 @dataclass
@@ -36,16 +62,28 @@ class ConformanceReport:
     checks: list[Check] = field(default_factory=list)
     post_attention_norm: bool = False
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """True when every required check passed (informational checks may fail, e.g. on post-norm models)."""
+        return all(c.passed for c in self.checks if c.required)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.required and not c.passed]
 
     @property
     def exact_decomposition(self) -> bool:
         """True when per-head writes add up exactly to the residual stream (DPA is exact)."""
         wanted = {"heads_sum_to_attn_out", "residual_additivity", "hook_shapes"}
         return not self.post_attention_norm and all(c.passed for c in self.checks if c.name in wanted)
+
+    def check(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,12 +92,16 @@ class ConformanceReport:
             "post_attention_norm": self.post_attention_norm,
             "checks": [asdict(c) for c in self.checks],
             "notes": list(self.notes),
+            "seconds": round(self.seconds, 3),
         }
 
     def summary(self) -> str:
-        parts = [f"{c.name}: {'ok' if c.passed else 'FAIL'} ({c.max_abs_error:.1e})" for c in self.checks]
+        def one(c: Check) -> str:
+            state = "ok" if c.passed else ("FAIL" if c.required else "differs (informational)")
+            return f"{c.name}: {state} ({c.max_abs_error:.1e})"
+
         tail = "" if self.exact_decomposition else " -- per-head attribution is NOT exact on this architecture"
-        return "conformance " + ("passed" if self.passed else "FAILED") + ": " + "; ".join(parts) + tail
+        return "conformance " + ("passed" if self.passed else "FAILED") + ": " + "; ".join(map(one, self.checks)) + tail
 
     def __str__(self) -> str:
         return self.summary()
@@ -74,53 +116,311 @@ def has_post_attention_norm(hf_model: torch.nn.Module) -> bool:
     return any(m in names for m in POST_NORM_MODULES)
 
 
-def _check(name: str, err: float, scale: float, rel_tol: float) -> Check:
+def _check(name: str, err: float, scale: float, rel_tol: float, *, required: bool = True, detail: str = "") -> Check:
     tol = rel_tol * max(scale, 1.0)
-    return Check(name=name, max_abs_error=float(err), scale=float(scale), tolerance=float(tol), passed=bool(err <= tol))
+    ok = bool(err <= tol)  # NaN compares False: a NaN error fails
+    return Check(name=name, max_abs_error=float(err), scale=float(scale), tolerance=float(tol), passed=ok,
+                 required=required, detail=detail)
+
+
+# ---- the unwrapped reference, taken before the bridge boots -------------------------------------------------
+
+@dataclass
+class HFReference:
+    """Outputs of the plain Hugging Face model on the check batch, before the bridge wrapped its modules."""
+
+    tokens: torch.Tensor  # [batch, pos], left padded
+    attention_mask: torch.Tensor
+    logits: torch.Tensor  # [batch, pos, vocab], float32, CPU
+    generated: torch.Tensor  # [batch, GENERATION_TOKENS] greedy new tokens
+    step_logits: torch.Tensor  # [batch, GENERATION_TOKENS, vocab] the logits each of them was chosen from
+
+
+def check_batch(tokenizer: Any, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The check batch: :data:`CHECK_TEXTS`, tokenized and left padded (ragged on purpose)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(CHECK_TEXTS), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    tokens, mask = enc["input_ids"], enc["attention_mask"]
+    if mask.sum(1).min() <= SUFFIX_TOKENS:
+        raise MechcliffError("conformance check batch too short for this tokenizer")  # pragma: no cover
+    return tokens.to(device), mask.to(device)
+
+
+def _greedy(hf_model: Any, tokens: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy new tokens and each step's logits ``[batch, step, vocab]``, with the keyword arguments
+    :mod:`mechcliff.generation` uses (no stop tokens here, so every row makes :data:`GENERATION_TOKENS`)."""
+    out = hf_model.generate(tokens, attention_mask=mask, max_new_tokens=GENERATION_TOKENS,
+                            min_new_tokens=GENERATION_TOKENS, do_sample=False, temperature=None, top_p=None, top_k=None,
+                            pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, tokens.shape[1]:].cpu(), torch.stack(out.logits, 1).float().cpu()
 
 
 @torch.no_grad()
-def check_conformance(handle: Any, tokens: torch.Tensor | None = None, rel_tol: float = 1e-4) -> ConformanceReport:
-    """Run the conformance checks on ``tokens`` (default: a short chat-formatted prompt)."""
-    bridge, n_layers = handle.bridge, handle.n_layers
-    if tokens is None:
-        from mechcliff.chat import encode
+def hf_reference(hf_model: Any, tokenizer: Any) -> HFReference:
+    """Run the check batch through the unwrapped model (eager attention, as the bridge will run) and keep the outputs."""
+    if getattr(hf_model.config, "_attn_implementation", "eager") != "eager" and hasattr(hf_model, "set_attn_implementation"):
+        hf_model.set_attn_implementation("eager")  # the boot forces eager anyway; compare like with like
+    device = next(hf_model.parameters()).device
+    tokens, mask = check_batch(tokenizer, device)
+    logits = hf_model(tokens, attention_mask=mask).logits.float().cpu()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generated, step_logits = _greedy(hf_model, tokens, mask, pad)
+    return HFReference(tokens=tokens, attention_mask=mask, logits=logits, generated=generated, step_logits=step_logits)
 
-        tokens = encode(handle, ["Hello, how are you today?"], thinking=["Let me think."], answers=["Fine."]).tokens
-    report = ConformanceReport(post_attention_norm=has_post_attention_norm(handle.hf_model))
+
+# ---- the checks ---------------------------------------------------------------------------------------------
+
+def _real(mask: torch.Tensor) -> torch.Tensor:
+    return mask.bool().cpu()
+
+
+@torch.no_grad()
+def _decomposition_checks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, report: ConformanceReport,
+                          rel_tol: float) -> torch.Tensor:
+    """Hook shapes, head sums and residual additivity from one cached forward; returns that forward's logits
+    (the sums are skipped when a hook is missing or misshapen)."""
+    bridge, n_layers = handle.bridge, handle.n_layers
     wanted = ("hook_z", "hook_attn_out", "hook_mlp_out", "hook_resid_pre", "hook_resid_post")
-    logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith(wanted) or n == "hook_embed")
+    logits, cache = bridge.run_with_cache(tokens, attention_mask=mask,
+                                          names_filter=lambda n: n.endswith(wanted) or n == "hook_embed")
     b, p = tokens.shape
-    shapes_ok = True
+    expected = {f"blocks.{layer}.attn.hook_z": (b, p, handle.n_heads, handle.d_head) for layer in range(n_layers)}
     for layer in range(n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"]
-        shapes_ok &= tuple(z.shape) == (b, p, handle.n_heads, handle.d_head)
         for hook in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
-            shapes_ok &= tuple(cache[f"blocks.{layer}.{hook}"].shape) == (b, p, handle.d_model)
-    report.checks.append(Check("hook_shapes", 0.0 if shapes_ok else float("inf"), 1.0, 0.0, shapes_ok))
+            expected[f"blocks.{layer}.{hook}"] = (b, p, handle.d_model)
+    missing = [n for n in expected if n not in cache.cache_dict]
+    wrong = [n for n in expected if n in cache.cache_dict and tuple(cache[n].shape) != expected[n]]
+    shapes_ok = not missing and not wrong
+    detail = "; ".join(([f"{', '.join(missing[:3])} never fired"] if missing else [])
+                       + ([f"{', '.join(wrong[:3])} not [batch, pos, n_heads, d_head] / [batch, pos, d_model]"]
+                          if wrong else []))
+    report.checks.append(Check("hook_shapes", 0.0 if shapes_ok else float("inf"), 1.0, 0.0, shapes_ok, detail=detail))
     if not shapes_ok:
-        report.notes.append("hook shapes differ from [batch, pos, n_heads, d_head] / [batch, pos, d_model]")
-        return report
-    head_err = add_err = chain_err = 0.0
-    scale = 0.0
+        return logits
+    real = _real(mask).to(tokens.device)
+    head_err = add_err = chain_err = scale = 0.0
     for layer in range(n_layers):
         z = cache[f"blocks.{layer}.attn.hook_z"]
         attn_out = cache[f"blocks.{layer}.hook_attn_out"]
-        recon = torch.einsum("bphd,hdm->bpm", z, handle.W_O(layer)) + handle.b_O(layer)
-        head_err = max(head_err, (recon - attn_out).abs().max().item())
-        pre, post = cache[f"blocks.{layer}.hook_resid_pre"], cache[f"blocks.{layer}.hook_resid_post"]
-        add_err = max(add_err, (pre + attn_out + cache[f"blocks.{layer}.hook_mlp_out"] - post).abs().max().item())
+        W_O, b_O = handle.W_O(layer), handle.b_O(layer)
+        recon = torch.einsum("bphd,hdm->bpm", z.float(), W_O.float().to(z.device)) + b_O.float().to(z.device)
+        head_err = max(head_err, (recon - attn_out.float())[real].abs().max().item())
+        pre, post = cache[f"blocks.{layer}.hook_resid_pre"].float(), cache[f"blocks.{layer}.hook_resid_post"].float()
+        mlp = cache[f"blocks.{layer}.hook_mlp_out"].float()
+        add_err = max(add_err, (pre + attn_out.float().to(pre.device) + mlp.to(pre.device) - post)[real].abs().max().item())
         if layer + 1 < n_layers:
-            chain_err = max(chain_err, (post - cache[f"blocks.{layer + 1}.hook_resid_pre"]).abs().max().item())
-        scale = max(scale, post.abs().max().item(), attn_out.abs().max().item())
-    embed_err = (cache["hook_embed"] - cache["blocks.0.hook_resid_pre"]).abs().max().item() if "hook_embed" in cache else 0.0
-    report.checks.append(_check("heads_sum_to_attn_out", head_err, scale, rel_tol))
+            nxt = cache[f"blocks.{layer + 1}.hook_resid_pre"].float().to(post.device)
+            chain_err = max(chain_err, (post - nxt)[real].abs().max().item())
+        scale = max(scale, post[real].abs().max().item(), attn_out[real].abs().max().item())
+    embed_err = 0.0
+    if "hook_embed" in cache:
+        embed_err = (cache["hook_embed"].float() - cache["blocks.0.hook_resid_pre"].float())[real].abs().max().item()
+    report.checks.append(_check("heads_sum_to_attn_out", head_err, scale, rel_tol,
+                                required=not report.post_attention_norm))
     report.checks.append(_check("residual_additivity", max(add_err, chain_err, embed_err), scale, rel_tol))
-    hf_logits = handle.hf_model(tokens).logits
-    report.checks.append(_check("logits_vs_hf", (hf_logits - logits).abs().max().item(), logits.abs().max().item(), rel_tol))
+    return logits
+
+
+def _logit_error(a: torch.Tensor, b: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+    a, b = a.float().cpu(), b.float().cpu()
+    return (a - b)[real].abs().max().item(), b[real].abs().max().item()
+
+
+@torch.no_grad()
+def _padded_vs_single(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, rel_tol: float) -> Check:
+    err = scale = 0.0
+    for i in range(tokens.shape[0]):
+        keep = mask[i].bool()
+        alone = handle.bridge(tokens[i:i + 1, keep], attention_mask=mask[i:i + 1, keep]).float().cpu()
+        e, s = _logit_error(logits[i:i + 1, keep.cpu()], alone, torch.ones(alone.shape[:2], dtype=torch.bool))
+        err, scale = max(err, e), max(scale, s)
+    return _check("padded_vs_single", err, scale, rel_tol)
+
+
+@torch.no_grad()
+def _cached_continuation(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+                         rel_tol: float) -> Check:
+    """Prefix with a KV cache, then the last :data:`SUFFIX_TOKENS` tokens on it, as the patching engine runs them."""
+    P = tokens.shape[1] - SUFFIX_TOKENS
+    _, cache = handle.bridge(tokens[:, :P], attention_mask=mask[:, :P], return_type="logits_and_cache")
+    if cache is None:
+        return _check("cached_continuation", float("inf"), 1.0, rel_tol, detail="the bridge returned no KV cache")
+    suffix = handle.bridge(tokens[:, P:], attention_mask=mask, past_key_values=cache)
+    err, scale = _logit_error(suffix, logits[:, P:], _real(mask[:, P:]))
+    return _check("cached_continuation", err, scale, rel_tol)
+
+
+@torch.no_grad()
+def _generation(handle: Any, ref: HFReference, rel_tol: float) -> tuple[Check, int]:
+    """Greedy generation through the wrapped model vs the unwrapped reference: the same tokens, and each step's
+    logits within tolerance (a cache that is silently wrong can leave a short greedy run's tokens unchanged).
+    Also counts ``hook_z`` calls per layer, for ``hooks_fire``."""
+    calls = [0] * handle.n_layers
+
+    def count(z: torch.Tensor, hook: Any) -> None:
+        calls[int(hook.name.split(".")[1])] += 1
+
+    pad = handle.tokenizer.pad_token_id
+    with handle.bridge.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", count) for l in range(handle.n_layers)]):
+        new, step_logits = _greedy(handle.hf_model, ref.tokens, ref.attention_mask, pad)
+    differ = int((new != ref.generated).sum())
+    err = (step_logits - ref.step_logits).abs().max().item()
+    check = _check("generation_vs_hf", err, ref.step_logits.abs().max().item(), rel_tol)
+    if differ:
+        check.passed = False
+        check.detail = f"{differ} of {new.numel()} greedy tokens differ from the unwrapped model's"
+    return check, min(calls)
+
+
+def hook_points(handle: Any) -> list[str]:
+    """Every hook point mechcliff reads or writes (per layer and global) that exists on this model."""
+    per_layer = ("attn.hook_z", "attn.hook_q", "attn.hook_rot_q", "attn.hook_pattern", "hook_resid_pre",
+                 "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+    names = ["hook_embed"] + [f"blocks.{l}.{h}" for h in per_layer for l in range(handle.n_layers)]
+    return [n for n in names if n in handle.bridge.hook_dict]
+
+
+@torch.no_grad()
+def _hooks_fire(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+                generation_calls: int) -> Check:
+    """Each hook fires once per forward; a write to it changes the logits (one forward per hook kind, one row per
+    layer: row ``k`` perturbs layer ``k`` only)."""
+    names = hook_points(handle)
+    fired: dict[str, int] = {n: 0 for n in names}
+
+    def counter(name: str) -> Callable:
+        def count(x: torch.Tensor, hook: Any) -> None:
+            fired[name] += 1
+
+        return count
+
+    with handle.bridge.hooks(fwd_hooks=[(n, counter(n)) for n in names]):
+        handle.bridge(tokens[:1], attention_mask=mask[:1])
+    problems = [f"{n} fired {c} times" for n, c in fired.items() if c != 1]
+    if generation_calls < GENERATION_TOKENS:
+        problems.append(f"attn.hook_z fired {generation_calls} times in a {GENERATION_TOKENS}-token generation")
+    row, row_mask = tokens[-1:], mask[-1:]
+    clean = logits[-1:].float().cpu()
+    kinds: dict[str, list[str]] = {}
+    for n in names:
+        kinds.setdefault(n.split(".", 2)[-1] if n.startswith("blocks.") else n, []).append(n)
+
+    def perturbation(k: int) -> Callable:
+        def perturb(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            x = x.clone()
+            x[k] = x[k] + 0.5 * (x[k].abs().mean() + 1.0)
+            return x
+
+        return perturb
+
+    for group in kinds.values():
+        R = len(group)
+        with handle.bridge.hooks(fwd_hooks=[(n, perturbation(k)) for k, n in enumerate(group)]):
+            out = handle.bridge(row.repeat(R, 1), attention_mask=row_mask.repeat(R, 1)).float().cpu()
+        change = (out - clean).abs().amax(dim=(1, 2))
+        for k in (change <= 1e-6 * max(1.0, clean.abs().max().item())).nonzero().flatten().tolist():
+            problems.append(f"writing to {group[k]} does not change the output")
+    detail = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+    return Check("hooks_fire", float(len(problems)), float(len(names)), 0.0, not problems, detail=detail)
+
+
+@torch.no_grad()
+def _nested_hooks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> Check:
+    """An ablation-like hook context inside an outer context, with ``run_with_hooks`` / ``run_with_cache`` calls
+    inside it: active throughout its ``with`` block, gone after it; the outer context untouched."""
+    name = f"blocks.{handle.n_layers - 1}.attn.hook_z"
+    outer_calls = [0]
+
+    def outer(z: torch.Tensor, hook: Any) -> None:
+        outer_calls[0] += 1
+
+    def ablate(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        z = z.clone()
+        z[:, :, 0] = 0.0
+        return z
+
+    bridge = handle.bridge
+    clean = logits.float().cpu()
+    real = _real(mask)
+    problems = []
+    with bridge.hooks(fwd_hooks=[(name, outer)]):
+        with bridge.hooks(fwd_hooks=[(name, ablate)]):
+            ablated = bridge(tokens, attention_mask=mask).float().cpu()
+            bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(name, lambda z, hook: None)])
+            bridge.run_with_cache(tokens, attention_mask=mask, names_filter=name)
+            again = bridge(tokens, attention_mask=mask).float().cpu()
+        after_inner = bridge(tokens, attention_mask=mask).float().cpu()
+        calls_inside = outer_calls[0]
+    after = bridge(tokens, attention_mask=mask).float().cpu()
+    scale = clean[real].abs().max().item()
+    tol = 1e-4 * max(scale, 1.0)
+    err = max((again - ablated)[real].abs().max().item(), (after_inner - clean)[real].abs().max().item(),
+              (after - clean)[real].abs().max().item())
+    if (ablated - clean)[real].abs().max().item() <= tol:
+        problems.append("the inner hook context had no effect")
+    if (again - ablated)[real].abs().max().item() > tol:
+        problems.append("the inner hook context was removed by run_with_hooks / run_with_cache inside it")
+    if (after_inner - clean)[real].abs().max().item() > tol or (after - clean)[real].abs().max().item() > tol:
+        problems.append("a hook stayed active after its with block")
+    if calls_inside != 5 or outer_calls[0] != 5:
+        problems.append(f"the outer hook fired {calls_inside} times in 5 forwards")
+    return Check("nested_hooks", err, scale, tol, not problems, detail="; ".join(problems))
+
+
+def check_conformance(handle: Any, reference: HFReference | None = None, rel_tol: float = 1e-4) -> ConformanceReport:
+    """Run the conformance checks (see module docstring) and return the report.
+
+    ``reference`` holds the unwrapped model's outputs, taken before the bridge booted (:func:`hf_reference`;
+    :func:`mechcliff.model.loading.load_model` does this). Without it, the two checks against the unwrapped model
+    (``logits_vs_hf``, ``generation_vs_hf``) cannot run and are left out, with a note.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    report = ConformanceReport(post_attention_norm=has_post_attention_norm(handle.hf_model))
+    if reference is not None:
+        tokens, mask = reference.tokens, reference.attention_mask
+    else:
+        tokens, mask = check_batch(handle.tokenizer, handle.device)
+    logits = _decomposition_checks(handle, tokens, mask, report, rel_tol).float().cpu()
+    real = _real(mask)
+    generation_calls = GENERATION_TOKENS
+    if reference is not None:
+        err, scale = _logit_error(logits, reference.logits, real)
+        report.checks.append(_check("logits_vs_hf", err, scale, rel_tol))
+    report.checks.append(_padded_vs_single(handle, tokens, mask, logits, rel_tol))
+    report.checks.append(_cached_continuation(handle, tokens, mask, logits, rel_tol))
+    if reference is not None:
+        gen_check, generation_calls = _generation(handle, reference, rel_tol)
+        report.checks.append(gen_check)
+    else:
+        report.notes.append("no unwrapped reference: logits_vs_hf and generation_vs_hf were not run")
+    report.checks.append(_hooks_fire(handle, tokens, mask, logits, generation_calls))
+    report.checks.append(_nested_hooks(handle, tokens, mask, logits))
     if report.post_attention_norm:
         report.notes.append(
             "post-attention norms (e.g. Gemma 2/3): head outputs pass through a norm before the residual stream, "
             "so direct probe attribution is a linearised approximation, not an exact decomposition"
         )
+    report.seconds = time.perf_counter() - t0
     return report
+
+
+def raise_if_failed(report: ConformanceReport, model_id: str, versions_note: Callable[[], str] | None = None) -> None:
+    """Raise :class:`ConformanceError` naming the first failed check (and the others), with the way out."""
+    failed = report.failed
+    if not failed:
+        return
+    first = failed[0]
+    what = first.detail or f"max |error| {first.max_abs_error:.3g} > tolerance {first.tolerance:.3g}"
+    others = f" (also failed: {', '.join(c.name for c in failed[1:])})" if len(failed) > 1 else ""
+    note = versions_note() if versions_note else ""
+    note = f"; {note}" if note else ""
+    raise ConformanceError(
+        f"conformance check '{first.name}' failed on {model_id}: {what}{others}{note}. Results on this model cannot "
+        "be trusted; pass check=False (--no-check on the command line) to load it anyway, which is recorded"
+    )

