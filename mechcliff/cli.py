@@ -371,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "no_check", False):
+    no_check = getattr(args, "no_check", False)
+    before = os.environ.get("MECHCLIFF_NO_CHECK")
+    if no_check:
         os.environ["MECHCLIFF_NO_CHECK"] = "1"  # every load_model of this command skips the conformance check
     try:
         return {"run": _run, "check": _check, "judge": _judge, "agree": _agree, "plot": _plot,
@@ -385,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mechcliff: interrupted; finished stages are kept, re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if no_check:  # main() may be called in-process (tests, notebooks): leave the environment as it was
+            if before is None:
+                os.environ.pop("MECHCLIFF_NO_CHECK", None)
+            else:
+                os.environ["MECHCLIFF_NO_CHECK"] = before
 
 
 if __name__ == "__main__":

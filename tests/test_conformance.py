@@ -220,7 +220,18 @@ def test_cli_no_check_loads_and_reports_versions(monkeypatch, capsys):
     assert cli.main(["check", "organism", "--no-check"]) == 0
     out = capsys.readouterr().out
     assert "conformance: not checked (--no-check)" in out and "transformers" in out and "tested versions:" in out
-    monkeypatch.delenv("MECHCLIFF_NO_CHECK", raising=False)  # main() set it for its own process
+    assert "MECHCLIFF_NO_CHECK" not in __import__("os").environ  # main() restores the environment
+
+
+def test_run_no_check_is_recorded_in_the_manifest(tmp_path):
+    import json
+
+    from mechcliff import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["run", "--out", str(out), "--no-progress", "--no-check", "--n-per-group", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["conformance"] == {"skipped": True} and manifest["model"]["conformance_checked"] is False
 
 
 def test_unknown_spec_is_still_a_plain_error():

@@ -114,6 +114,12 @@ def test_manifest(run_dir):
     assert m["config"]["model"] == "organism" and m["config"]["seed"] == 0
     assert set(m["seeds"]) >= {"generation", "probe_split", "random_heads"}
     assert m["conformance"]["passed"] is True
+    names = {c["name"] for c in m["conformance"]["checks"]}
+    assert {"cached_continuation", "generation_vs_hf", "padded_vs_single", "hooks_fire", "nested_hooks"} <= names
+    from mechcliff.versions import untested
+
+    assert m["environment"] == {"tested_versions": not untested(), "untested": untested()}
+    assert m["model"]["conformance_checked"] is True
 
 
 def test_run_folder_layout(run_dir):

@@ -285,8 +285,7 @@ def hook_points(handle: Any) -> list[str]:
 
 
 @torch.no_grad()
-def _hooks_fire(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
-                generation_calls: int) -> Check:
+def _hooks_fire(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, generation_calls: int) -> Check:
     """Each hook fires once per forward; a write to it changes the logits (one forward per hook kind, one row per
     layer: row ``k`` perturbs layer ``k`` only)."""
     names = hook_points(handle)
@@ -298,21 +297,25 @@ def _hooks_fire(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: t
 
         return count
 
+    # Writes are checked on the first two tokens of the shortest prompt: cost is rows x tokens, and rows are
+    # layers x hook kinds (270 on SmolLM2).
+    row = tokens[-1:, mask[-1].bool()][:, :2]
+    row_mask = torch.ones_like(row)
     with handle.bridge.hooks(fwd_hooks=[(n, counter(n)) for n in names]):
-        handle.bridge(tokens[:1], attention_mask=mask[:1])
+        clean = handle.bridge(row, attention_mask=row_mask).float().cpu()
     problems = [f"{n} fired {c} times" for n, c in fired.items() if c != 1]
     if generation_calls < GENERATION_TOKENS:
         problems.append(f"attn.hook_z fired {generation_calls} times in a {GENERATION_TOKENS}-token generation")
-    row, row_mask = tokens[-1:], mask[-1:]
-    clean = logits[-1:].float().cpu()
     kinds: dict[str, list[str]] = {}
     for n in names:
         kinds.setdefault(n.split(".", 2)[-1] if n.startswith("blocks.") else n, []).append(n)
 
     def perturbation(k: int) -> Callable:
         def perturb(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            # Not a constant shift, which a LayerNorm downstream would remove: a ramp over the last dimension.
+            ramp = torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=x.dtype)
             x = x.clone()
-            x[k] = x[k] + 0.5 * (x[k].abs().mean() + 1.0)
+            x[k] = x[k] + 0.5 * (x[k].abs().mean() + 1.0) * ramp
             return x
 
         return perturb
@@ -399,8 +402,9 @@ def check_conformance(handle: Any, reference: HFReference | None = None, rel_tol
         report.checks.append(gen_check)
     else:
         report.notes.append("no unwrapped reference: logits_vs_hf and generation_vs_hf were not run")
-    report.checks.append(_hooks_fire(handle, tokens, mask, logits, generation_calls))
-    report.checks.append(_nested_hooks(handle, tokens, mask, logits))
+    report.checks.append(_hooks_fire(handle, tokens, mask, generation_calls))
+    shortest = tokens[-1:, mask[-1].bool()]
+    report.checks.append(_nested_hooks(handle, shortest, torch.ones_like(shortest), logits[-1:, mask[-1].bool().cpu()]))
     if report.post_attention_norm:
         report.notes.append(
             "post-attention norms (e.g. Gemma 2/3): head outputs pass through a norm before the residual stream, "

@@ -247,9 +247,12 @@ def load_model(
 
         reference = hf_reference(hf, tok)  # before the bridge wraps the HF modules in place
     bridge = _boot_bridge(hf, tok, model_id, device)
+    from mechcliff.model.conformance import has_post_attention_norm
+
     handle = ModelHandle(
         bridge=bridge, hf_model=hf, tokenizer=tok, model_id=model_id, model_hash=weights_fingerprint(hf),
         think=_think_format(tok, model_id if spec != "organism" else "organism"), extra=extra,
+        exact_decomposition=not has_post_attention_norm(hf),  # structural; the check below refines it
     )
     if check:
         from mechcliff.model.conformance import check_conformance, raise_if_failed
