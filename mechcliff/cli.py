@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, help="seed for generation, probe split and random heads")
     r.add_argument("--n-per-group", type=int, default=None, help="use at most this many prompts per group")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--overwrite", action="store_true",
+                   help="the --out folder holds a run with another configuration: recompute the stages that depend "
+                   "on what changed, replacing their results (without it such a folder is refused)")
     j = sub.add_parser(
         "judge", help="judge a JSONL file of rollouts (one verdict per line, resumable)",
         description="Judge each record (prompt, response, optional thinking) of --input and write one verdict per "
@@ -178,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
             if v is not None:
                 setattr(cfg, k, v)
         cfg.validate()
-    results = run_pipeline(cfg.model, args.out, config=cfg, progress=not args.no_progress)
+    results = run_pipeline(cfg.model, args.out, config=cfg, progress=not args.no_progress, overwrite=args.overwrite)
     out = Path(args.out)
     ab = results["ablation"]
     print(f"probe: layer {results['probe']['layer']}, val accuracy {fmt(results['probe']['val_accuracy'], 3)}")
@@ -192,7 +195,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from mechcliff.model.loading import load_model
-
     from mechcliff.versions import environment_report, untested_summary
 
     h = load_model(args.model, adapter=args.adapter)
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mechcliff: interrupted; finished stages are kept, re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`mechcliff plot --kind | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 0
     finally:
         if no_check:  # main() may be called in-process (tests, notebooks): leave the environment as it was
             if before is None:

@@ -4,8 +4,11 @@ Stages: ``rollouts`` (generate and judge each prompt group) -> ``probe`` (fit, l
 scores, cliff statistics) -> ``attribution`` (DPA at ``t_cliff`` of the attack group) -> ``ablation`` (ASR with
 the top suppression heads ablated, and random same-size controls) -> ``results.json``, figures and
 ``report.html``. Each finished stage leaves ``stages/<name>.done`` holding the hash of the configuration it ran
-with; a re-run skips stages whose hash matches, so an interrupted run resumes where it stopped. Every file is
-written atomically, and nothing already in the folder is deleted.
+with (rollouts also per prompt group, ``stages/rollouts/<group>.done``); a re-run skips stages whose hash matches
+and whose saved files load, so an interrupted run resumes where it stopped, and a stage whose files were truncated
+is recomputed. Every file is written atomically. Nothing already in the folder is replaced by another experiment:
+a folder holding a run of another configuration (any option, the prompts' content, the model's files) is refused
+unless ``overwrite=True`` (``--overwrite``), and a folder another run is writing is refused (``.lock``).
 """
 
 from __future__ import annotations
@@ -128,6 +131,17 @@ class RunConfig:
             raise MechcliffError(f"{source}: option 'probe_layer' must be an integer or 'best', not {self.probe_layer!r}")
         if not math.isfinite(float(self.ablation_gamma)):
             raise MechcliffError(f"{source}: option 'ablation_gamma' must be finite, got {self.ablation_gamma!r}")
+        from mechcliff.interventions import GAMMA_MODES
+
+        if self.ablation_mode == "zero" and float(self.ablation_gamma) != 0.0:
+            raise MechcliffError(
+                f"{source}: option 'ablation_gamma' is {self.ablation_gamma!r}, but ablation_mode 'zero' takes no gamma "
+                f"(it is gamma=0); only the modes {', '.join(GAMMA_MODES)} take ablation_gamma (for a scaled ablation "
+                f"use ablation_mode 'scale_z' with ablation_gamma {self.ablation_gamma!r})")
+        if self.ablation_mode == "mean":
+            raise MechcliffError(
+                f"{source}: ablation_mode 'mean' is not available in the pipeline (it needs the heads' mean outputs, "
+                f"which the ablation stage does not compute); use one of {', '.join(GAMMA_MODES)} or 'zero'")
         if not math.isfinite(float(self.temperature)) or self.temperature < 0:
             raise MechcliffError(f"{source}: option 'temperature' must be a finite number >= 0")
         for name in ("n_per_group", "batch_size", "ablation_top_k"):
@@ -192,25 +206,59 @@ class Run:
 
     STAGES = ("rollouts", "probe", "trace", "attribution", "ablation")
 
-    def __init__(self, out: str | Path, config: RunConfig, log: Callable[[str], None] | None = None, progress: bool = True):
+    def __init__(self, out: str | Path, config: RunConfig, log: Callable[[str], None] | None = None, progress: bool = True,
+                 overwrite: bool = False):
         self.dir = Path(out)
         self.cfg = config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.progress = progress
+        self.overwrite = overwrite
         self.handle: Any = None
         self.prompts_hash = ""
         if self.dir.exists() and not self.dir.is_dir():
             raise MechcliffError(f"--out {self.dir} exists and is not a folder")
         old = self._old_manifest()
-        finished = list((self.dir / "stages").glob("*.done")) if (self.dir / "stages").is_dir() else []
-        if old is not None:
-            if "mechcliff_run" not in old:
-                raise MechcliffError(f"{self.dir / 'manifest.json'} is not a mechcliff run manifest; choose another --out")
-            prev = old.get("config", {}).get("model")
-            if prev is not None and prev != config.model and finished:
-                raise MechcliffError(
-                    f"{self.dir} already holds a run of model '{prev}'; choose another --out for '{config.model}'"
-                )
+        if old is not None and "mechcliff_run" not in old:
+            raise MechcliffError(f"{self.dir / 'manifest.json'} is not a mechcliff run manifest; choose another --out")
+
+    def _holds_results(self) -> bool:
+        """Whether the folder holds anything a run computed (a finished stage or saved rollouts)."""
+        return any((self.dir / "stages").glob("*.done")) or any((self.dir / "rollouts").glob("*.jsonl"))
+
+    def _check_same_experiment(self, groups: dict[str, list[Prompt]]) -> None:
+        """Refuse to put a different experiment into a folder holding another one's results (unless ``overwrite``).
+
+        Compared with the folder's manifest: every configuration field, the prompts' content, and the model's source
+        files (see :func:`model_source`). With ``overwrite`` the stages that depend on a change are recomputed and
+        their earlier results replaced; the rest are kept.
+        """
+        old = self._old_manifest()
+        if old is None or not self._holds_results():
+            return
+        changed = []
+        before, now = old.get("config", {}), self.cfg.to_dict()
+        for k in now:
+            if k in before and before[k] != now[k]:
+                changed.append(f"{k} {json.dumps(before[k])} -> {json.dumps(now[k])}")
+        old_prompts = old.get("prompts", {})
+        for g, ps in groups.items():
+            h = content_hash([p.text for p in ps])
+            if g in old_prompts and old_prompts[g].get("hash") != h:
+                changed.append(f"prompts of group '{g}' (content)")
+        if set(old_prompts) and set(old_prompts) != set(groups):
+            changed.append(f"prompt groups {sorted(old_prompts)} -> {sorted(groups)}")
+        src = model_source(self.cfg.model, self.cfg.adapter)
+        if old.get("model_source") not in (None, src):
+            changed.append("the model's or adapter's files")
+        if not changed:
+            return
+        if self.overwrite:
+            self.log(f"[run] --overwrite: recomputing what depends on: {'; '.join(changed)}")
+            return
+        raise MechcliffError(
+            f"{self.dir} holds a run with another configuration (changed: {'; '.join(changed)}); choose another --out, "
+            "or pass --overwrite to recompute the stages that depend on the change (their earlier results are replaced)"
+        )
 
     def _old_manifest(self) -> dict[str, Any] | None:
         path = self.dir / "manifest.json"
@@ -283,48 +331,61 @@ class Run:
 
     # ---- the run ----
     def run(self) -> dict[str, Any]:
-        from mechcliff.judges import get_judge
+        """Run or resume every stage, holding the folder's lock; the manifest records how the run ended
+        (``running``, ``finished``, ``interrupted`` or ``failed``)."""
+        from mechcliff.runlock import FolderLock
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        with FolderLock(self.dir, "run", log=self.log):
+            groups = self.prompt_groups()
+            self._check_same_experiment(groups)
+            try:
+                return self._run(groups)
+            except KeyboardInterrupt:
+                self._write_manifest(groups, status="interrupted")
+                raise
+            except BaseException:
+                self._write_manifest(groups, status="failed")
+                raise
+
+    def _stage(self, name: str, compute: Callable[[], None], load: Callable[[], Any]) -> Any:
+        """Load a finished stage's saved results, or compute them; saved files that do not load (truncated,
+        corrupted) are recomputed, saying so."""
+        if self._done(name):
+            try:
+                return load()
+            except Exception as exc:  # noqa: BLE001 - any unreadable file: JSON, safetensors, JSONL
+                self.log(f"[{name}] saved results do not load ({type(exc).__name__}: {str(exc)[:120]}); recomputing")
+        t = time.time()
+        compute()
+        self._finish(name, time.time() - t)
+        return load()
+
+    def _run(self, groups: dict[str, list[Prompt]]) -> dict[str, Any]:
+        from mechcliff.judges import get_judge
+
         self.timings: dict[str, float] = {}
         t_start = time.time()
         judge = get_judge("refusal")
-        groups = self.prompt_groups()
         self.prompts_hash = content_hash([[g, [p.text for p in ps]] for g, ps in groups.items()])
         self._write_manifest(groups, status="running")
 
-        # 1. rollouts
+        # 1. rollouts, resumed per group
         rdir = self.dir / "rollouts"
-        if not self._done("rollouts"):
-            t = time.time()
-            h = self.model()
-            for g, prompts in groups.items():
-                self.log(f"[rollouts] {g}: {len(prompts)} prompts")
-                from mechcliff.generation import generate_rollouts
-
-                rolls = generate_rollouts(h, prompts, desc=g, **self.gen_kwargs())
-                for r, flag in zip(rolls, judge.judge_many([r.response for r in rolls])):
-                    r.meta["refused"] = bool(flag)
-                save_rollouts(rolls, rdir / f"{g}.jsonl")
-            self._finish("rollouts", time.time() - t)
-        rollouts = {g: load_rollouts(rdir / f"{g}.jsonl") for g in groups}
+        rollouts = self._stage("rollouts", lambda: self._rollouts(groups, judge),
+                               lambda: {g: load_rollouts(rdir / f"{g}.jsonl") for g in groups})
         attack = next(g for g in ATTACK_GROUPS if g in groups)
 
         # 2. probe
         from mechcliff.probe import LinearProbe
 
-        if not self._done("probe"):
-            t = time.time()
-            probe = self._fit_probe(rollouts)
-            probe.save(self.dir / "probe")
-            self._finish("probe", time.time() - t)
-        probe = LinearProbe.load(self.dir / "probe")
+        probe = self._stage("probe", lambda: self._fit_probe(rollouts).save(self.dir / "probe"),
+                            lambda: LinearProbe.load(self.dir / "probe"))
 
         # 3. trace
         from mechcliff.trace import RefusalTrace
 
-        if not self._done("trace"):
-            t = time.time()
+        def trace_stage() -> None:
             h = self.model()
             probe.check_model(h)
             from mechcliff.generation import encode_rollouts
@@ -336,43 +397,44 @@ class Run:
             tr = trace_refusal(h, batch, probe, groups=[r.group or "" for r in allr], ids=[r.id for r in allr],
                                plateau=self.cfg.plateau, batch_size=self.cfg.batch_size)
             tr.save(self.dir / "trace")
-            self._finish("trace", time.time() - t)
-        trace = RefusalTrace.load(self.dir / "trace")
+
+        trace = self._stage("trace", trace_stage, lambda: RefusalTrace.load(self.dir / "trace"))
 
         # 4. attribution at t_cliff of the attack group
         from mechcliff.attribution import HeadAttribution
 
-        if not self._done("attribution"):
-            t = time.time()
+        def attribution_stage() -> None:
             h = self.model()
+            import torch
+
             from mechcliff.attribution import direct_probe_attribution
             from mechcliff.generation import encode_rollouts
 
             rows = [i for i, g in enumerate(trace.groups) if g == attack]
             ar = rollouts[attack]
             batch = encode_rollouts(h, ar, enable_thinking=self.cfg.enable_thinking)
-            import torch
-
             pos = torch.tensor([int(trace.stats["t_cliff"][i]) + batch.pad_lengths[j] if trace.stats["t_cliff"][i] >= 0
                                 else int(batch.position("think_end")[j]) for j, i in enumerate(rows)])
             self.log(f"[attribution] {len(ar)} '{attack}' rollouts at t_cliff")
             dpa = direct_probe_attribution(h, batch, probe, position=pos, batch_size=self.cfg.batch_size,
                                            groups=[attack] * len(ar))
             dpa.save(self.dir / "attribution")
-            self._finish("attribution", time.time() - t)
-        dpa = HeadAttribution.load(self.dir / "attribution")
+
+        dpa = self._stage("attribution", attribution_stage, lambda: HeadAttribution.load(self.dir / "attribution"))
 
         # 5. ablation
         from mechcliff.asr import AblationResult
 
-        if not self._done("ablation"):
-            t = time.time()
+        def ablation_stage() -> None:
             h = self.model()
             from mechcliff.asr import ablation_experiment
 
             k = self.cfg.ablation_top_k or max(1, round(0.03 * h.n_layers * h.n_heads))
             heads = dpa.top(k)
-            self.log(f"[ablation] {self.cfg.ablation_mode} γ={self.cfg.ablation_gamma:g} on {', '.join(heads)}")
+            from mechcliff.interventions import GAMMA_MODES
+
+            g_txt = f" γ={self.cfg.ablation_gamma:g}" if self.cfg.ablation_mode in GAMMA_MODES else ""
+            self.log(f"[ablation] {self.cfg.ablation_mode}{g_txt} on {', '.join(heads)}")
             ab = ablation_experiment(
                 h, heads, groups[attack], groups["harmless"], judge=judge, mode=self.cfg.ablation_mode,
                 gamma=self.cfg.ablation_gamma, n_random=self.cfg.n_random_sets, seed=self.cfg.seed,
@@ -380,8 +442,8 @@ class Run:
                 generation=self.gen_kwargs(), progress=self.progress,
             )
             ab.save(self.dir / "ablation")
-            self._finish("ablation", time.time() - t)
-        ablation = AblationResult.load(self.dir / "ablation")
+
+        ablation = self._stage("ablation", ablation_stage, lambda: AblationResult.load(self.dir / "ablation"))
 
         from mechcliff.results import _jsonable
 
@@ -391,8 +453,31 @@ class Run:
 
         write_run_report(self.dir, results=results, probe=probe, trace=trace, dpa=dpa, ablation=ablation,
                          ground_truth=self._ground_truth())
-        self._write_manifest(groups, status="complete", seconds=time.time() - t_start)
+        self._write_manifest(groups, status="finished", seconds=time.time() - t_start)
         return results
+
+    def _rollouts(self, groups: dict[str, list[Prompt]], judge: Any) -> None:
+        """Generate and judge each group, saving it as soon as it is done; groups already saved by an interrupted
+        run of the same configuration (``stages/rollouts/<group>.done``) are kept."""
+        from mechcliff.generation import generate_rollouts
+
+        rdir, marks = self.dir / "rollouts", self.dir / "stages" / "rollouts"
+        key = self._hash("rollouts")
+        for g, prompts in groups.items():
+            mark, path = marks / f"{g}.done", rdir / f"{g}.jsonl"
+            if mark.exists() and mark.read_text().strip() == key and path.exists():
+                try:
+                    if len(load_rollouts(path)) == len(prompts):
+                        self.log(f"[rollouts] {g}: kept from the interrupted run")
+                        continue
+                except MechcliffError:
+                    pass
+            self.log(f"[rollouts] {g}: {len(prompts)} prompts")
+            rolls = generate_rollouts(self.model(), prompts, desc=g, **self.gen_kwargs())
+            for r, flag in zip(rolls, judge.judge_many([r.response for r in rolls])):
+                r.meta["refused"] = bool(flag)
+            save_rollouts(rolls, path)
+            atomic_write_text(mark, key + "\n")
 
     def _fit_probe(self, rollouts: dict[str, list]) -> Any:
         from mechcliff.generation import encode_rollouts
@@ -481,6 +566,7 @@ class Run:
                       "random_heads": self.cfg.seed},
             "versions": versions(),
             "environment": _environment(),
+            "model_source": model_source(self.cfg.model, self.cfg.adapter),
             "prompts": {g: {"n": len(p), "hash": content_hash([x.text for x in p])} for g, p in groups.items()},
             "model": h.describe() if h is not None else old.get("model"),
             "conformance": (h.conformance.to_dict() if h is not None and h.conformance
@@ -501,7 +587,32 @@ def _environment() -> dict[str, Any]:
 
 
 def run_pipeline(model: str = "organism", out: str | Path = "runs/demo", *, config: RunConfig | None = None,
-                 quick: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline; returns the ``results.json`` content."""
+                 quick: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the ``results.json`` content.
+
+    A folder that holds another configuration's results is refused (:meth:`Run._check_same_experiment`) unless
+    ``overwrite``; a folder another run is writing is refused (its lock, :mod:`mechcliff.runlock`)."""
     cfg = config or default_config(model, quick=quick)
-    return Run(out, cfg, log=log, progress=progress).run()
+    return Run(out, cfg, log=log, progress=progress, overwrite=overwrite).run()
+
+
+def model_source(model: str, adapter: str | None) -> str:
+    """A cheap fingerprint of the files a model and adapter are read from (names, sizes, modification times), so
+    that a folder whose weights changed under the same path is not taken for the same experiment; built-in names
+    fingerprint as themselves."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    for spec in (model, adapter):
+        if not spec:
+            continue
+        h.update(spec.encode())
+        path = Path(spec).expanduser()
+        if spec.startswith((".", "/", "~")) or path.exists():
+            files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else []
+            for f in files:
+                st = os.stat(f)
+                h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
