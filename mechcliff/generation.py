@@ -8,7 +8,14 @@ any active mechcliff intervention hooks fire at every step, KV cache included):
    not close is closed by us ("budget forcing", as in the truncation experiment of arXiv 2510.06036);
    ``meta["closed_by_model"]`` records which happened.
 2. **Answer**: prompt + thinking + closing template are re-encoded token-exactly (:func:`mechcliff.chat.encode`)
-   and the model writes the answer until its end-of-turn token or ``max_answer_tokens``.
+   and the model writes the answer until its end-of-turn token or ``max_answer_tokens``. Think tags the model
+   writes into its answer anyway are not the answer: ``response`` is the text after the last ``</think>``, cut at a
+   ``<think>`` that never closes (:func:`mechcliff.judges.final_answer`); ``meta["raw_response"]`` keeps the
+   generated text when it differs.
+
+``max_think_tokens=0`` skips phase 1: the thinking is empty and closed (``thinking == ""``) and the model answers
+right after the closing template. ``enable_thinking=False`` is a different mode, thinking off: no think block of
+ours (``thinking is None``), the chat template decides (Qwen3 and the organism write an empty one themselves).
 
 Greedy decoding by default (``temperature=0``); sampling is seeded per batch. Batches are left-padded with an
 attention mask, so greedy batched output equals one-at-a-time output (a test checks this).
@@ -22,6 +29,7 @@ from tqdm.auto import tqdm
 from mechcliff.chat import encode
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
+from mechcliff.judges import final_answer
 
 
 def _eos_ids(tok) -> list[int]:
@@ -75,11 +83,26 @@ def generate_rollouts(
     seed: int = 0,
     batch_size: int = 16,
     enable_thinking: bool = True,
+    omit_thinking: bool = False,
     system: str | None = None,
     progress: bool = True,
     desc: str = "generating",
 ) -> list[Rollout]:
-    """Generate thinking + answer for each prompt; returns :class:`~mechcliff.data.Rollout` objects in order."""
+    """Generate thinking + answer for each prompt; returns :class:`~mechcliff.data.Rollout` objects in order.
+
+    ``max_think_tokens=0`` (with thinking on) gives every rollout an empty, closed thinking (``thinking == ""``):
+    the closing template is prefilled and the model answers directly after it. ``enable_thinking=False`` is a
+    different mode: no think block of ours (``thinking is None``; the chat template decides, e.g. Qwen3 writes
+    an empty one). ``omit_thinking=True`` writes no think block at all, whatever the template's thinking switch
+    (``thinking is None``, the answer follows the generation prompt; ``max_think_tokens`` is then unused).
+
+    The answer (``response``) is what the model wrote after the closing template. Should the model write think
+    tags in it anyway, the text after the last ``</think>`` is its final answer (cut at a ``<think>`` it never
+    closes, see :func:`mechcliff.judges.final_answer`): ``response`` holds that final answer and
+    ``meta["raw_response"]`` the full text as generated (only present when the two differ).
+    """
+    if max_think_tokens < 0:
+        raise MechcliffError(f"max_think_tokens must be an integer >= 0, got {max_think_tokens!r}")
     items = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
     if not items:
         raise MechcliffError("no prompts to generate from (empty prompt set)")
@@ -94,9 +117,11 @@ def generate_rollouts(
     for bi, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         batch_seed = seed * 100003 + bi
         texts = [items[i].text for i in idx]
-        thinks: list[str | None] = [None] * len(idx)
+        # Thinking off: no think block (the template decides). A zero budget: an empty, closed thinking, so the
+        # model answers right after the closing template (it must not do its thinking inside the answer).
+        thinks: list[str | None] = [None if omit_thinking or not enable_thinking else ""] * len(idx)
         closed_by_model = [False] * len(idx)
-        if enable_thinking and max_think_tokens > 0:
+        if enable_thinking and not omit_thinking and max_think_tokens > 0:
             batch = encode(handle, texts, enable_thinking=True, system=system, open_thinking=True)
             new = _generate(handle, batch, max_think_tokens, temperature, think_stop, think_strings, batch_seed)
             for j in range(len(idx)):
@@ -107,13 +132,16 @@ def generate_rollouts(
         batch = encode(handle, texts, thinking=thinks, enable_thinking=enable_thinking, system=system)
         new = _generate(handle, batch, max_answer_tokens, temperature, eos, None, batch_seed + 1)
         for j, i in enumerate(idx):
-            answer, ended = _decode(tok, new[j], eos)
+            raw, ended = _decode(tok, new[j], eos)
+            answer = final_answer(raw, fmt.close_tag, fmt.open_tag)  # think tags in the answer are not the answer
             p = items[i]
+            meta = {"closed_by_model": closed_by_model[j], "answer_ended": ended, "temperature": temperature,
+                    "seed": seed, "enable_thinking": enable_thinking}
+            if answer != raw:
+                meta["raw_response"] = raw
             out[i] = Rollout(
                 prompt=p.text, thinking=thinks[j], response=answer, category=p.category, group=p.group, id=p.id,
-                has_think_close=True,
-                meta={"closed_by_model": closed_by_model[j], "answer_ended": ended, "temperature": temperature,
-                      "seed": seed, "enable_thinking": enable_thinking},
+                has_think_close=True, meta=meta,
             )
     return [r for r in out if r is not None]
 

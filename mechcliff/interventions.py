@@ -5,14 +5,18 @@ Modes (each names the paper it matches):
 * ``scale_z`` (default): multiply the head's output ``z`` (before ``W_O``) by ``gamma`` at every position.
   ``gamma=0`` is zero-ablation, ``gamma=1`` is exactly a no-op, ``gamma>1`` amplifies (e.g. to *restore* refusal
   by amplifying refusal-promoting heads).
-* ``zero``: ``scale_z`` with ``gamma=0``.
-* ``mean``: replace the head's ``z`` by its mean over a reference set (``mean_z`` from :func:`mean_head_outputs`).
+* ``zero``: ``scale_z`` with ``gamma=0`` (takes no other ``gamma``: pass none, or 0).
+* ``mean``: replace the head's ``z`` by its mean over a reference set (``mean_z`` from :func:`mean_head_outputs`);
+  takes no ``gamma`` at all.
 * ``scale_q``: multiply the head's query by ``gamma`` (default 1e-5): "undifferentiated attention" of Ships
   (arXiv 2410.13708, §4.1): attention becomes uniform over the visible keys.
 * ``norm_preserving``: the RefusalCliff code's γ-scaling (arXiv 2510.06036): scale the heads' ``z`` by ``gamma``,
   then rescale the layer's attention output ``Z`` (all heads) back to its norm before scaling. The authors' code
   takes one norm over batch × positions × heads; we take it per example and position (over heads), so that results
   do not depend on batch-mates or padding.
+
+Only the modes in :data:`GAMMA_MODES` take ``gamma``; giving a ``gamma`` a mode would ignore (``zero`` with a
+non-zero one, ``mean`` with any) is a :class:`MechcliffError`, never silently dropped.
 
 Usage::
 
@@ -33,6 +37,9 @@ import torch
 from mechcliff.errors import MechcliffError
 
 MODES = ("scale_z", "zero", "mean", "scale_q", "norm_preserving")
+GAMMA_MODES = ("scale_z", "scale_q", "norm_preserving")
+"""The modes that take ``gamma``; ``zero`` is ``gamma=0`` by definition and ``mean`` has no ``gamma``."""
+DEFAULT_GAMMA = {"scale_z": 0.0, "zero": 0.0, "mean": 0.0, "scale_q": 1e-5, "norm_preserving": 0.0}
 Head = tuple[int, int]
 
 
@@ -68,15 +75,33 @@ class HeadIntervention:
         return {"heads": [head_label(h) for h in self.heads], "mode": self.mode, "gamma": self.gamma}
 
 
-def validate(handle: Any, heads: Sequence[Any], mode: str, gamma: float) -> list[Head]:
+def check_gamma(mode: str, gamma: float | None) -> float:
+    """The ``gamma`` that ``mode`` uses (its default when ``gamma is None``). A ``gamma`` the mode would ignore --
+    ``zero`` with anything but 0, ``mean`` with any -- is a :class:`MechcliffError` naming the modes that take one."""
     if mode not in MODES:
         raise MechcliffError(f"unknown intervention mode {mode!r}; use one of {', '.join(MODES)}")
+    if gamma is None:
+        return DEFAULT_GAMMA[mode]
+    if isinstance(gamma, bool):
+        raise MechcliffError(f"gamma must be a number, got {gamma!r}")
     try:
         g = float(gamma)
     except (TypeError, ValueError):
         raise MechcliffError(f"gamma must be a number, got {gamma!r}") from None
     if not math.isfinite(g):
         raise MechcliffError(f"gamma must be finite, got {gamma!r}")
+    takes = f"only the modes {', '.join(GAMMA_MODES)} take gamma"
+    if mode == "zero" and g != 0.0:
+        raise MechcliffError(f"mode 'zero' is gamma=0 and takes no other gamma (got gamma={gamma!r}): {takes}; "
+                             f"use mode 'scale_z' with gamma={gamma!r}")
+    if mode == "mean":
+        raise MechcliffError(f"mode 'mean' replaces z by its mean and takes no gamma (got gamma={gamma!r}): {takes}")
+    return g
+
+
+def validate(handle: Any, heads: Sequence[Any], mode: str, gamma: float | None = None) -> list[Head]:
+    """Check ``mode``, its ``gamma`` (:func:`check_gamma`) and ``heads`` against the model; returns parsed heads."""
+    check_gamma(mode, gamma)
     out = []
     for h in heads:
         layer, head = parse_head(h)
@@ -93,12 +118,12 @@ def validate(handle: Any, heads: Sequence[Any], mode: str, gamma: float) -> list
 def intervene(
     handle: Any, heads: Sequence[Any], *, mode: str = "scale_z", gamma: float | None = None, mean_z: Any = None
 ) -> Iterator[HeadIntervention]:
-    """Apply ``mode`` to ``heads`` for the duration of the ``with`` block (forward passes and generation)."""
-    if gamma is None:
-        gamma = 1e-5 if mode == "scale_q" else 0.0
-    if mode == "zero":
-        gamma = 0.0
+    """Apply ``mode`` to ``heads`` for the duration of the ``with`` block (forward passes and generation).
+
+    ``gamma=None`` is the mode's default (0, or 1e-5 for ``scale_q``); ``zero`` takes no gamma but 0 and ``mean``
+    none at all (:func:`check_gamma`)."""
     parsed = validate(handle, heads, mode, gamma)
+    gamma = check_gamma(mode, gamma)
     if mode == "mean" and mean_z is None:
         raise MechcliffError("mode 'mean' needs mean_z (see mechcliff.interventions.mean_head_outputs)")
     by_layer: dict[int, list[int]] = defaultdict(list)

@@ -96,7 +96,7 @@ def generate_mode_rollouts(handle: Any, prompts: Sequence[Any], *, thinking: boo
     elif no_think_format == "template":
         rolls = generate_rollouts(handle, items, enable_thinking=False, **gen)
     elif no_think_format == "omit":
-        rolls = generate_rollouts(handle, items, enable_thinking=True, **{**gen, "max_think_tokens": 0})
+        rolls = generate_rollouts(handle, items, enable_thinking=True, omit_thinking=True, **gen)
     elif no_think_format == "empty_block":
         rolls = _generate_after_empty_block(handle, items, **gen)
     else:

@@ -390,8 +390,9 @@ def critical_neurons(
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
         raise MechcliffError(f"m must be a positive integer (the number of top neurons per pair), got {m!r}")
     judge = judge or get_judge("refusal")
-    gen = dict(max_think_tokens=max_think_tokens if thinking else 0, max_answer_tokens=max_answer_tokens, seed=seed,
-               batch_size=batch_size, progress=progress)
+    # thinking off = no think block at all, as before max_think_tokens=0 came to mean an empty, closed thinking
+    gen = dict(max_think_tokens=max_think_tokens if thinking else 0, omit_thinking=not thinking,
+               max_answer_tokens=max_answer_tokens, seed=seed, batch_size=batch_size, progress=progress)
     acts, mis = [], {}
     for name, items in (("D", D), ("D_tilde", Dt)):
         rolls = generate_rollouts(handle, items, desc=f"pairs ({name})", **gen)

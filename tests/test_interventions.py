@@ -275,3 +275,50 @@ def test_norm_preserving_is_batch_invariant(organism, batch):
         for i in range(len(batch)):
             alone = organism.bridge(torch.tensor([batch.row(i)]))
             torch.testing.assert_close(together[i, batch.pad_lengths[i]:], alone[0], atol=1e-4, rtol=0)
+
+
+# ---- gamma only where a mode uses it (issue 16, item 18) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, -2.0])
+def test_zero_mode_rejects_a_gamma(organism, gamma):
+    from mechcliff.interventions import validate
+
+    with pytest.raises(MechcliffError, match=r"mode 'zero'.*scale_z, scale_q, norm_preserving take gamma"):
+        with intervene(organism, HEADS, mode="zero", gamma=gamma):
+            pass
+    with pytest.raises(MechcliffError, match="mode 'zero'"):
+        validate(organism, HEADS, "zero", gamma)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_mean_mode_rejects_any_gamma(organism, batch, gamma):
+    mean_z = mean_head_outputs(organism, batch)
+    with pytest.raises(MechcliffError, match=r"mode 'mean'.*takes no gamma.*scale_z, scale_q, norm_preserving"):
+        with intervene(organism, HEADS, mode="mean", gamma=gamma, mean_z=mean_z):
+            pass
+
+
+def test_zero_mode_accepts_no_gamma_or_zero(organism, batch):
+    with intervene(organism, HEADS, mode="zero", gamma=0.0) as a:
+        la = _logits(organism, batch)
+    with intervene(organism, HEADS, mode="zero", gamma=None) as b:
+        lb = _logits(organism, batch)
+    assert a.gamma == b.gamma == 0.0 and torch.equal(la, lb)
+    with intervene(organism, HEADS, mode="scale_z", gamma=0.5) as c:  # gamma modes keep taking any gamma
+        assert c.gamma == 0.5
+
+
+def test_ablation_experiment_rejects_an_unused_gamma_and_titles_zero_without_one(organism, builtin, refusal_judge):
+    from mechcliff.asr import ablation_experiment
+
+    attack = [p for p in builtin if p.group == "harmful_jailbreak"][:2]
+    harmless = [p for p in builtin if p.group == "harmless"][:1]
+    gen = dict(max_think_tokens=4, max_answer_tokens=4)
+    with pytest.raises(MechcliffError, match="mode 'zero'"):
+        ablation_experiment(organism, HEADS, attack, harmless, judge=refusal_judge, mode="zero", gamma=0.5,
+                            n_random=0, generation=gen, progress=False)
+    res = ablation_experiment(organism, HEADS, attack, harmless, judge=refusal_judge, mode="zero", n_random=0,
+                              generation=gen, progress=False)
+    assert res.gamma == 0.0
+    assert "γ" not in res.plot().layout.title.text and dict(res.summary_rows())["mode"] == "zero"
