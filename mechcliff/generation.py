@@ -23,6 +23,8 @@ attention mask, so greedy batched output equals one-at-a-time output (a test che
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -87,8 +89,15 @@ def generate_rollouts(
     system: str | None = None,
     progress: bool = True,
     desc: str = "generating",
+    done: dict[int, Rollout] | None = None,
+    on_batch: Callable[[list[tuple[int, Rollout]]], None] | None = None,
 ) -> list[Rollout]:
     """Generate thinking + answer for each prompt; returns :class:`~mechcliff.data.Rollout` objects in order.
+
+    Resuming: ``on_batch(pairs)`` is called with ``(prompt index, rollout)`` pairs as each batch finishes (e.g. to
+    append them to a file), and ``done`` maps prompt indices to rollouts kept from an interrupted call with the same
+    prompts and settings: a batch whose every prompt is in ``done`` is not generated again. Batches and their seeds
+    depend only on the prompts and ``batch_size``, so a resumed call returns what an uninterrupted one would.
 
     ``max_think_tokens=0`` (with thinking on) gives every rollout an empty, closed thinking (``thinking == ""``):
     the closing template is prefilled and the model answers directly after it. ``enable_thinking=False`` is a
@@ -114,7 +123,12 @@ def generate_rollouts(
     order = sorted(range(len(items)), key=lambda i: len(items[i].text))
     out: list[Rollout | None] = [None] * len(items)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    done = done or {}
     for bi, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+        if all(i in done for i in idx):
+            for i in idx:
+                out[i] = done[i]
+            continue
         batch_seed = seed * 100003 + bi
         texts = [items[i].text for i in idx]
         # Thinking off: no think block (the template decides). A zero budget: an empty, closed thinking, so the
@@ -143,6 +157,8 @@ def generate_rollouts(
                 prompt=p.text, thinking=thinks[j], response=answer, category=p.category, group=p.group, id=p.id,
                 has_think_close=True, meta=meta,
             )
+        if on_batch is not None:
+            on_batch([(i, out[i]) for i in idx])
     return [r for r in out if r is not None]
 
 

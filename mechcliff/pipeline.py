@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -457,14 +458,16 @@ class Run:
         return results
 
     def _rollouts(self, groups: dict[str, list[Prompt]], judge: Any) -> None:
-        """Generate and judge each group, saving it as soon as it is done; groups already saved by an interrupted
-        run of the same configuration (``stages/rollouts/<group>.done``) are kept."""
+        """Generate and judge each group, saving it as soon as it is done; within a group, each finished batch is
+        appended to ``rollouts/<group>.partial.jsonl``. A re-run of the same configuration after an interruption
+        keeps the finished groups (``stages/rollouts/<group>.done``) and the finished batches."""
+        from mechcliff.data import Rollout
         from mechcliff.generation import generate_rollouts
 
         rdir, marks = self.dir / "rollouts", self.dir / "stages" / "rollouts"
         key = self._hash("rollouts")
         for g, prompts in groups.items():
-            mark, path = marks / f"{g}.done", rdir / f"{g}.jsonl"
+            mark, path, partial = marks / f"{g}.done", rdir / f"{g}.jsonl", rdir / f"{g}.partial.jsonl"
             if mark.exists() and mark.read_text().strip() == key and path.exists():
                 try:
                     if len(load_rollouts(path)) == len(prompts):
@@ -472,12 +475,45 @@ class Run:
                         continue
                 except MechcliffError:
                     pass
-            self.log(f"[rollouts] {g}: {len(prompts)} prompts")
-            rolls = generate_rollouts(self.model(), prompts, desc=g, **self.gen_kwargs())
+            done = self._partial_rollouts(partial, key, Rollout)
+            self.log(f"[rollouts] {g}: {len(prompts)} prompts" + (f" ({len(done)} kept from the interrupted run)"
+                                                                  if done else ""))
+            if not done:
+                atomic_write_text(partial, json.dumps({"key": key}) + "\n")
+
+            def append(pairs: list[tuple[int, Any]], partial: Path = partial) -> None:
+                with open(partial, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps({"index": i, "rollout": r.to_dict()}, ensure_ascii=False) + "\n"
+                                    for i, r in pairs))
+                    f.flush()
+                    os.fsync(f.fileno())
+
+            rolls = generate_rollouts(self.model(), prompts, desc=g, done=done, on_batch=append, **self.gen_kwargs())
             for r, flag in zip(rolls, judge.judge_many([r.response for r in rolls])):
                 r.meta["refused"] = bool(flag)
             save_rollouts(rolls, path)
             atomic_write_text(mark, key + "\n")
+            partial.unlink(missing_ok=True)  # our own scratch file, now in rollouts/<group>.jsonl
+
+    @staticmethod
+    def _partial_rollouts(partial: Path, key: str, rollout_cls: Any) -> dict[int, Any]:
+        """Finished batches of an interrupted group (complete lines only; another configuration's are ignored)."""
+        if not partial.exists():
+            return {}
+        lines = partial.read_text(encoding="utf-8", errors="replace").split("\n")
+        try:
+            if json.loads(lines[0]).get("key") != key:
+                return {}
+        except (ValueError, AttributeError):
+            return {}
+        done: dict[int, Any] = {}
+        for line in lines[1:-1]:  # the last piece is "" or a torn line
+            try:
+                rec = json.loads(line)
+                done[int(rec["index"])] = rollout_cls.from_dict(rec["rollout"])
+            except (ValueError, KeyError, TypeError, MechcliffError):
+                break
+        return done
 
     def _fit_probe(self, rollouts: dict[str, list]) -> Any:
         from mechcliff.generation import encode_rollouts

@@ -597,3 +597,40 @@ def test_a_gamma_the_mode_does_not_use_is_refused(options, needle):
     with pytest.raises(MechcliffError, match=needle):
         RunConfig.from_dict(options)
     RunConfig.from_dict({"ablation_mode": "zero"})  # zero with no gamma is fine
+
+
+def test_an_interrupted_group_resumes_from_its_finished_batches(tmp_path, monkeypatch, capsys):
+    import mechcliff.generation as generation
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"batch_size": 2, "n_per_group": 4, "n_random_sets": 1}))
+    real = generation.generate_rollouts
+    batches: list[tuple[str, int]] = []
+
+    def stop_after_first_batch_of_harmful(handle, prompts, *, on_batch=None, **kw):
+        if on_batch is None:  # not the rollouts stage (the ablation stage generates too)
+            return real(handle, prompts, **kw)
+
+        def counted(pairs):
+            on_batch(pairs)
+            batches.append((kw["desc"], len(pairs)))
+            if kw["desc"] == "harmful" and interrupt:
+                raise KeyboardInterrupt
+
+        return real(handle, prompts, on_batch=counted, **kw)
+
+    monkeypatch.setattr(generation, "generate_rollouts", stop_after_first_batch_of_harmful)
+    out = tmp_path / "run"
+    interrupt = True
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 130
+    assert (out / "rollouts" / "harmful.partial.jsonl").exists()
+    interrupt, batches[:] = False, []
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert "[rollouts] harmful: 4 prompts (2 kept from the interrupted run)" in capsys.readouterr().err
+    assert [b for b in batches if b[0] == "harmful"] == [("harmful", 2)]  # only the second batch is generated
+    assert not (out / "rollouts" / "harmful.partial.jsonl").exists()
+    fresh = tmp_path / "fresh"
+    assert main(["run", "--config", str(cfg), "--out", str(fresh), "--no-progress"]) == 0
+    for g in ("harmless", "harmful", "harmful_jailbreak"):  # resumed = uninterrupted, byte for byte
+        assert (out / "rollouts" / f"{g}.jsonl").read_bytes() == (fresh / "rollouts" / f"{g}.jsonl").read_bytes()
