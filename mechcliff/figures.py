@@ -18,9 +18,10 @@ What a run folder can draw (:func:`available`):
 How a new result type becomes plottable — nothing in this module changes:
 
 1. subclass :class:`mechcliff.results.Result` in a module of the ``mechcliff`` package with a unique
-   ``KIND = "my_kind"`` class attribute (discovery finds the module defining a kind by reading the package's
-   source, so the module is imported only when a run folder holds that kind; a class defined elsewhere is found
-   once its module has been imported, through :data:`mechcliff.results.REGISTRY`);
+   ``KIND = "my_kind"`` class attribute, and add ``"my_kind": "mechcliff.module:Class"`` to
+   :data:`mechcliff.results.KINDS` (the module is imported only when a run folder holds that kind;
+   ``tests/test_user_errors.py`` fails for a subclass missing from the table; a class defined outside the package
+   is found once its module has been imported, through :data:`mechcliff.results.REGISTRY`);
 2. give it ``plot(self) -> plotly.graph_objects.Figure`` callable without arguments, built from the saved fields
    only (use :mod:`mechcliff.plotting`'s functions or ``template=TEMPLATE``; :func:`mechcliff.plotting.apply_style`
    does fonts, sizes and tick legibility afterwards);
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from mechcliff.errors import MechcliffError
-from mechcliff.results import FORMAT_VERSION, REGISTRY
+from mechcliff.results import FORMAT_VERSION, KINDS
 
 __all__ = [
     "FORMATS",
@@ -118,47 +119,28 @@ def no_browser_message() -> str:
     return NO_BROWSER_HELP
 
 
-_KIND_RE = re.compile(r"""^\s+KIND\s*(?::[^=]+)?=\s*["']([^"']+)["']""", re.M)
 _SKIP_DIRS = {"__pycache__", "node_modules"}
 
 
 # --------------------------------------------------------------------------- discovery
 
 
-@functools.lru_cache(maxsize=1)
 def result_kinds() -> dict[str, str]:
-    """Every result kind defined in the ``mechcliff`` package -> the module defining it (read from the source;
-    nothing is imported). Includes ``linear_probe`` (:class:`mechcliff.probe.LinearProbe`)."""
-    root = Path(__file__).resolve().parent
-    kinds: dict[str, str] = {PROBE_KIND: "mechcliff.probe"}
-    for path in sorted(root.rglob("*.py")):
-        if path.name == "results.py":
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError:
-            continue
-        if "Result" not in text:
-            continue
-        module = ".".join(("mechcliff", *path.relative_to(root).with_suffix("").parts))
-        for kind in _KIND_RE.findall(text):
-            kinds.setdefault(kind, module)
-    return kinds
+    """Every result kind defined in the ``mechcliff`` package -> the module defining it (from
+    :data:`mechcliff.results.KINDS`; nothing is imported). Includes ``linear_probe``
+    (:class:`mechcliff.probe.LinearProbe`)."""
+    return {PROBE_KIND: "mechcliff.probe", **{kind: spec.partition(":")[0] for kind, spec in sorted(KINDS.items())}}
 
 
 def result_class(kind: str) -> type | None:
     """The class of a saved result kind, importing the module that defines it if needed; None if unknown."""
-    import importlib
-
     if kind == PROBE_KIND:
         from mechcliff.probe import LinearProbe
 
         return LinearProbe
-    if kind not in REGISTRY:
-        module = result_kinds().get(kind)
-        if module is not None:
-            importlib.import_module(module)
-    return REGISTRY.get(kind)
+    from mechcliff.results import result_class as _result_class
+
+    return _result_class(kind)
 
 
 @dataclasses.dataclass

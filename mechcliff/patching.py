@@ -29,12 +29,23 @@ from mechcliff.errors import MechcliffError
 from mechcliff.results import Result
 
 
+def _token_id(value: Any, who: str) -> int:
+    if isinstance(value, (int, np.integer)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return int(value)
+    raise MechcliffError(f"{who} takes token ids (ints), not {value!r}: "
+                         "use tokenizer.encode(text, add_special_tokens=False)[0]")
+
+
 class ProbeMetric:
     """The probe's logit ``w · resid_post[layer] + b`` at one position per example."""
 
     name = "probe_logit"
 
     def __init__(self, probe: Any):
+        lacking = [a for a in ("w", "b", "layer", "hook_name") if not hasattr(probe, a)]
+        if lacking:
+            raise MechcliffError(f"ProbeMetric needs a probe (mechcliff.LinearProbe, e.g. from mc.fit_probe), not a "
+                                 f"{type(probe).__name__} (it has no {', '.join(lacking)})")
         self.probe = probe
 
     def stop_at_layer(self, handle: Any) -> int | None:
@@ -59,7 +70,7 @@ class LogitDiffMetric:
     name = "logit_diff"
 
     def __init__(self, token_a: int, token_b: int):
-        self.a, self.b = int(token_a), int(token_b)
+        self.a, self.b = _token_id(token_a, "LogitDiffMetric"), _token_id(token_b, "LogitDiffMetric")
 
     def stop_at_layer(self, handle: Any) -> int | None:
         return None
@@ -78,7 +89,12 @@ class RefusalLogOddsMetric:
     name = "refusal_log_odds"
 
     def __init__(self, refusal_token_ids: Sequence[int]):
-        self.ids = torch.tensor(sorted(set(int(i) for i in refusal_token_ids)), dtype=torch.long)
+        given = [] if isinstance(refusal_token_ids, (str, int)) else list(refusal_token_ids)
+        if not given:
+            raise MechcliffError("RefusalLogOddsMetric needs a non-empty list of refusal token ids, e.g. "
+                                 "[tokenizer.encode(w, add_special_tokens=False)[0] for w in ('I', 'Sorry')]")
+        ids = sorted(set(_token_id(i, "RefusalLogOddsMetric") for i in given))
+        self.ids = torch.tensor(ids, dtype=torch.long)
 
     def stop_at_layer(self, handle: Any) -> int | None:
         return None
@@ -90,6 +106,51 @@ class RefusalLogOddsMetric:
         lp = torch.log_softmax(logits[torch.arange(logits.shape[0]), positions].double(), -1).cpu()
         p_ref = torch.logsumexp(lp[:, self.ids], -1)
         return p_ref - torch.log1p(-p_ref.exp().clamp(max=1 - 1e-12))
+
+
+METRICS = (ProbeMetric, LogitDiffMetric, RefusalLogOddsMetric)
+#: Metric names users type -> how to build that metric (every metric needs an argument, so none is built by name).
+_METRIC_NAMES = {
+    "probe": "ProbeMetric(probe)", "probe_logit": "ProbeMetric(probe)",
+    "logit_diff": "LogitDiffMetric(token_a, token_b)", "logitdiff": "LogitDiffMetric(token_a, token_b)",
+    "refusal_log_odds": "RefusalLogOddsMetric(refusal_token_ids)",
+    "refusal": "RefusalLogOddsMetric(refusal_token_ids)", "log_odds": "RefusalLogOddsMetric(refusal_token_ids)",
+}
+_NEEDS = {"ProbeMetric": "a probe", "LogitDiffMetric": "two token ids", "RefusalLogOddsMetric": "refusal token ids"}
+_INTERFACE = ("name", "stop_at_layer", "hooks", "from_logits")
+_METRIC_LIST = ("ProbeMetric(probe), LogitDiffMetric(token_a, token_b) or RefusalLogOddsMetric(refusal_token_ids) "
+                "(from mechcliff.patching, or mechcliff.ProbeMetric, ...)")
+
+
+def resolve_metric(metric: Any) -> Any:
+    """``metric`` checked for the metric interface (``name``, ``stop_at_layer(handle)``, ``hooks(positions, store)``,
+    ``from_logits(logits, positions, store)``), with a clear :class:`MechcliffError` otherwise.
+
+    A :class:`~mechcliff.probe.LinearProbe` is accepted and wrapped in :class:`ProbeMetric`. A metric *name*
+    (``"probe"``, ``"logit_diff"``, ``"refusal_log_odds"``) cannot be built without its argument: the error
+    says which constructor to call; any other string lists the metric classes.
+    """
+    from mechcliff.probe import LinearProbe
+
+    if isinstance(metric, LinearProbe):
+        return ProbeMetric(metric)
+    if isinstance(metric, str):
+        key = metric.strip().lower().replace("-", "_").replace(" ", "_")
+        if key in _METRIC_NAMES:
+            ctor = _METRIC_NAMES[key]
+            raise MechcliffError(f"metric {metric!r} needs {_NEEDS[ctor.split('(')[0]]}: pass {ctor} "
+                                 "(mechcliff.patching) instead of the name")
+        raise MechcliffError(f"unknown metric {metric!r}: pass a metric object, one of {_METRIC_LIST}")
+    if isinstance(metric, type):
+        ctor = next((c for c in _METRIC_NAMES.values() if c.startswith(metric.__name__ + "(")), None)
+        hint = f"pass an instance, e.g. {ctor}" if ctor else f"pass an instance of a metric, one of {_METRIC_LIST}"
+        raise MechcliffError(f"metric {metric.__name__} is a class: {hint}")
+    lacking = [a for a in _INTERFACE if not hasattr(metric, a) or (a != "name" and not callable(getattr(metric, a)))]
+    if lacking:
+        raise MechcliffError(f"metric {type(metric).__name__} has no {', '.join(lacking)} (a metric needs name, "
+                             "stop_at_layer(handle), hooks(positions, store) and from_logits(logits, positions, "
+                             f"store)): pass one of {_METRIC_LIST}")
+    return metric
 
 
 @dataclasses.dataclass
@@ -209,7 +270,11 @@ def patch_heads(
     patch at ``think_end`` of a batch encoded without answers that is a single token per row. Otherwise chunks
     start at the patched layer from the cached ``resid_pre``. Chunks hold at most ``max_rows`` rows (examples ×
     patch indices); by default that is derived from ``memory_budget_mb`` (:func:`rows_for_budget`).
+
+    ``metric`` is a :class:`ProbeMetric`, :class:`LogitDiffMetric` or :class:`RefusalLogOddsMetric` (any object
+    with their interface), or a probe (wrapped in :class:`ProbeMetric`); see :func:`resolve_metric`.
     """
+    metric = resolve_metric(metric)
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)
     todo = _parse_heads(handle, heads, metric)
     B = len(target)
@@ -342,6 +407,7 @@ def patch_heads_reference(
     target_position: Any = "think_end", source_position: Any = "think_end",
 ) -> PatchingResult:
     """The exact reference: one full forward per head, no batching of indices and no prefix reuse."""
+    metric = resolve_metric(metric)
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)
     B = len(target)
     src_z = _source_z(handle, source, spos)
@@ -372,6 +438,7 @@ def attribution_patch_heads(
     ``patched[l, h] ≈ M(target) + (z_source[l, h] - z_target[l, h]) · ∂M/∂z[l, h]`` at the patch position, for
     every head at once. A fast screen: compare with :func:`patch_heads` via :func:`rank_correlation`.
     """
+    metric = resolve_metric(metric)
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)
     src_z = _source_z(handle, source, spos)
     source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, spos, [])
@@ -460,6 +527,7 @@ def patch_positions(
 ) -> PositionPatchingResult:
     """A ``[layer, offset]`` grid: patch ``site`` of layer ``l`` at ``anchor + offset`` (per example, in both runs)
     from source into target, one index per replica, recomputing only the suffix after the earliest patched token."""
+    metric = resolve_metric(metric)
     if site not in SITES:
         raise MechcliffError(f"site must be one of {', '.join(SITES)}, not {site!r}")
     B = len(target)
@@ -524,6 +592,7 @@ def patch_positions_reference(
     metric_position: Any = "think_end", layers: Sequence[int] | None = None,
 ) -> PositionPatchingResult:
     """One full forward per (layer, offset): the exact reference for :func:`patch_positions`."""
+    metric = resolve_metric(metric)
     B = len(target)
     ta, sa, mpos = target.position(target_anchor), source.position(source_anchor), target.position(metric_position)
     layer_list = list(range(handle.n_layers)) if layers is None else list(layers)

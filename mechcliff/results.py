@@ -2,6 +2,12 @@
 
 Every result class in mechcliff derives from :class:`Result`. Fields holding numpy arrays go to safetensors;
 everything else must be JSON-serialisable and goes to ``result.json`` with the result kind and format version.
+
+:meth:`Result.load` loads any saved result, whatever its kind, in a fresh interpreter: :data:`KINDS` names the
+class of every kind the package defines, and the module is imported only when a folder of that kind is loaded.
+A new result class adds one line to :data:`KINDS` (``tests/test_user_errors.py`` fails for a ``Result``
+subclass of the package that is missing from it). :class:`mechcliff.probe.LinearProbe` is not a ``Result``: it
+has its own format (``probe.json`` + ``probe.safetensors``) and loads with ``LinearProbe.load``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,46 @@ from mechcliff.errors import MechcliffError
 
 FORMAT_VERSION = 1
 T = TypeVar("T", bound="Result")
+
+#: Every result kind of the package -> ``"module:Class"`` (imported lazily, by :func:`result_class`).
+KINDS: dict[str, str] = {
+    "ablation": "mechcliff.asr:AblationResult",
+    "ablation_sweep": "mechcliff.sweep:AblationSweepResult",
+    "critical_neurons": "mechcliff.neurons:CriticalNeurons",
+    "finetune": "mechcliff.repair:FinetuneResult",
+    "head_attribution": "mechcliff.attribution:HeadAttribution",
+    "head_patching": "mechcliff.patching:PatchingResult",
+    "mode_comparison": "mechcliff.modes:ModeComparison",
+    "neuron_ablation": "mechcliff.neurons:NeuronAblation",
+    "position_patching": "mechcliff.patching:PositionPatchingResult",
+    "ras_series": "mechcliff.neurons:RASSeries",
+    "refusal_heads": "mechcliff.refusal_heads:RefusalHeads",
+    "refusal_trace": "mechcliff.trace:RefusalTrace",
+    "repair_curve": "mechcliff.repair_curve:RepairCurve",
+    "safety_layers": "mechcliff.safety_layers:SafetyLayers",
+    "sahara": "mechcliff.ships:SaharaResult",
+    "selection": "mechcliff.selection:Selection",
+    "ships": "mechcliff.ships:HeadImportance",
+    "spectral_head_metrics": "mechcliff.spectral:SpectralHeadMetrics",
+}
+
+#: Result classes by kind, filled as classes are defined (each class that sets its own ``KIND``). It also holds
+#: classes defined outside the package, which :data:`KINDS` cannot name; for the package's kinds, KINDS decides.
 REGISTRY: dict[str, type["Result"]] = {}
+
+
+def result_class(kind: str) -> type["Result"] | None:
+    """The class of result kind ``kind``, importing its module if needed; None for a kind nobody defines."""
+    import importlib
+
+    spec = KINDS.get(kind)
+    if spec is None:
+        return REGISTRY.get(kind)
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise MechcliffError(f"cannot load '{kind}' results: importing {module} failed: {exc}") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -35,6 +80,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _required(cls: type, name: str) -> bool:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 @dataclasses.dataclass
 class Result:
     """Base class: ``save(dir)``, ``load(dir)``, ``to_dict()`` and an HTML repr for Jupyter."""
@@ -43,7 +93,8 @@ class Result:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        REGISTRY[cls.KIND] = cls
+        if "KIND" in cls.__dict__:  # a subclass that inherits its parent's KIND does not take the parent's place
+            REGISTRY[cls.KIND] = cls
 
     def _split(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta: dict[str, Any] = {}
@@ -72,27 +123,51 @@ class Result:
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        """Load a result saved by :meth:`save`; checks the kind and the format version."""
+        """Load a result saved by :meth:`save`; checks the kind and the format version.
+
+        ``Result.load(path)`` returns the saved kind's class (see :data:`KINDS`), importing its module if needed;
+        ``SomeResult.load(path)`` also checks that the folder holds a ``SomeResult``.
+        """
         from safetensors.numpy import load_file
 
         path = Path(path)
         meta_file = path / "result.json"
         if not meta_file.exists():
+            if (path / "probe.json").exists():
+                raise MechcliffError(f"{path} holds a probe, not a Result: load it with "
+                                     f"mechcliff.LinearProbe.load({str(path)!r})")
             raise MechcliffError(f"{path} is not a saved mechcliff result (no result.json)")
-        doc = json.loads(meta_file.read_text())
-        kind = doc.get("kind")
-        target = REGISTRY.get(kind, cls) if cls is Result else cls
+        try:
+            doc = json.loads(meta_file.read_text())
+            kind, fields = doc["kind"], dict(doc["fields"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MechcliffError(f"{meta_file} is damaged ({type(exc).__name__}: {exc})") from None
         if cls is not Result and kind != cls.KIND:
             raise MechcliffError(f"{path} holds a '{kind}' result, not a '{cls.KIND}'")
         if int(doc.get("format_version", 0)) > FORMAT_VERSION:
             raise MechcliffError(
                 f"{path} was written by a newer mechcliff (format {doc['format_version']} > {FORMAT_VERSION}); upgrade"
             )
+        target = result_class(kind) if cls is Result else cls
+        if target is None:
+            known = ", ".join(sorted(set(KINDS) | set(REGISTRY)))
+            raise MechcliffError(f"{path} holds a '{kind}' result, a kind this mechcliff does not know (known kinds: "
+                                 f"{known}); it may come from a newer mechcliff, or its class is defined in a module "
+                                 "that is not imported yet")
         arrays = load_file(str(path / "tensors.safetensors")) if doc.get("arrays") else {}
-        kwargs = dict(doc["fields"])
+        kwargs = fields
         for name in doc.get("arrays", []):
             kwargs[name] = arrays[name]
-        return target(**kwargs)  # type: ignore[return-value]
+        try:
+            return target(**kwargs)  # type: ignore[return-value]
+        except TypeError as exc:
+            names = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
+            extra, missing = sorted(set(kwargs) - names), sorted(n for n in names - set(kwargs)
+                                                                 if _required(target, n))
+            detail = (f"unknown fields {extra}" if extra else "") + ("; " if extra and missing else "") + \
+                (f"missing fields {missing}" if missing else "")
+            raise MechcliffError(f"{path}: the saved '{kind}' result does not fit {target.__name__} "
+                                 f"({detail or exc}); it was written by another version of mechcliff") from None
 
     def summary_rows(self) -> list[tuple[str, str]]:
         """Key/value rows for reports and the Jupyter repr (subclasses override)."""

@@ -25,8 +25,10 @@ and runs :func:`mechcliff.model.conformance.check_conformance`.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -125,23 +127,131 @@ def convert_gguf(path: Path, *, log: Any = None) -> Path:
     return out
 
 
+#: Files of which a Hugging Face model folder needs at least one for its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message`` (library errors often span dozens of lines), at most ``limit`` chars."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    if len(lines) > 1:
+        text += f" (+{len(lines) - 1} more lines)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def builtin_names() -> list[str]:
+    """The model names :func:`load_model` knows without a path or the hub."""
+    return ["organism", *ALIASES, *FINETUNED_ALIASES]
+
+
+def _did_you_mean(spec: str) -> str:
+    close = difflib.get_close_matches(spec.strip().lower(), builtin_names(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``, through the environment's proxies) answers an HTTP request
+    within ``timeout`` seconds. Any HTTP answer counts, and so does a TLS certificate problem (the hub client may
+    trust other certificates); no name resolution, a refused or hanging connection do not.
+
+    Without this, an unreachable hub costs about a minute of retries inside ``huggingface_hub`` before any message.
+    """
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/"
+    answer: list[bool] = []
+
+    def probe() -> None:  # in a thread: name resolution ignores the socket timeout
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answer.append(True)
+        except urllib.error.HTTPError:
+            answer.append(True)
+        except urllib.error.URLError as exc:
+            answer.append(isinstance(exc.reason, ssl.SSLError))
+        except ssl.SSLError:
+            answer.append(True)
+        except Exception:  # noqa: BLE001 - timeouts, resets, bad endpoints: not reachable
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id, an unreadable cache: not cached
+        return False
+
+
+def _unknown_model(spec: str, why: str) -> MechcliffError:
+    return MechcliffError(
+        f"unknown model {spec!r}{_did_you_mean(spec)}: not a built-in name ({', '.join(builtin_names())}), an "
+        f"existing path or a model in the local Hugging Face cache, and {why}; pass a model folder or a .gguf file"
+    )
+
+
 def _load_hf_folder(source: str) -> tuple[Any, Any]:
+    """Model and tokenizer from a local HF folder, or from a hub id (the local cache, then the hub when online)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return _load_local_folder(folder)
+    if not _in_hub_cache(source):
+        if _hub_offline():
+            raise _unknown_model(source, "the hub is offline (HF_HUB_OFFLINE=1)")
+        if not _hub_reachable():
+            raise _unknown_model(source, "this machine cannot reach the Hugging Face hub")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except OSError as exc:
-        if Path(source).exists():
-            raise MechcliffError(f"cannot load a Hugging Face model from folder {source}: {exc}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower()
+        offline = _hub_offline() or "connect" in str(exc).lower()
         hint = (
             "this machine cannot reach the Hugging Face hub and the model is not in the local cache; "
             "pass a local model folder or a .gguf file instead"
             if offline
-            else str(exc)
+            else _one_line(exc, 300)
         )
-        raise MechcliffError(f"cannot load model '{source}' from the Hugging Face hub: {hint}") from None
+        raise MechcliffError(f"cannot load model '{source}'{_did_you_mean(source)} from the Hugging Face hub: {hint}"
+                             ) from None
+    return hf, tok
+
+
+def _load_local_folder(folder: Path) -> tuple[Any, Any]:
+    if not (folder / "config.json").is_file():
+        raise MechcliffError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise MechcliffError(
+            f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json); save it next to the weights with "
+            "tokenizer.save_pretrained(FOLDER), or copy those files from the base model's folder"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise MechcliffError(f"cannot load the tokenizer in {folder}: {_one_line(exc)}") from None
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise MechcliffError(f"cannot load a Hugging Face model from folder {folder}: {_one_line(exc)}") from None
     return hf, tok
 
 
@@ -269,7 +379,12 @@ def load_model(
 
 
 def apply_adapter(hf: Any, adapter: str | os.PathLike[str]) -> Any:
-    """Return ``hf`` with the fine-tuned weights in folder ``adapter`` applied (LoRA merged, or full weights)."""
+    """Return ``hf`` with the fine-tuned weights in folder ``adapter`` applied (LoRA merged, or full weights).
+
+    Before anything is applied, the tensor shapes in the adapter's safetensors header are compared with this
+    model's layers (cheap: no tensor is read), so an adapter of another model fails with one line naming the model
+    it is for (``base_model_name_or_path``) and both widths, and ``hf`` is left untouched.
+    """
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise MechcliffError(f"adapter folder not found: {path}")
@@ -278,12 +393,14 @@ def apply_adapter(hf: Any, adapter: str | os.PathLike[str]) -> Any:
     full = path / "model.safetensors"
     try:
         if (path / "adapter_config.json").exists():
+            _check_lora_fits(hf, path)
             from peft import PeftModel
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return PeftModel.from_pretrained(hf, str(path)).merge_and_unload()
         if full.exists():
+            _check_full_weights_fit(hf, full)
             from safetensors.torch import load_model as load_weights
 
             missing, unexpected = load_weights(hf, str(full), strict=False)
@@ -293,8 +410,84 @@ def apply_adapter(hf: Any, adapter: str | os.PathLike[str]) -> Any:
     except MechcliffError:
         raise
     except Exception as exc:  # noqa: BLE001 - shape mismatches and corrupt files surface from deep inside peft/torch
-        raise MechcliffError(f"cannot apply adapter {path} to this model: {type(exc).__name__}: {exc}") from None
+        raise MechcliffError(f"cannot apply adapter {path} to this model: {_one_line(exc)}") from None
     raise MechcliffError(f"{path} holds no adapter (no adapter_config.json or model.safetensors)")
+
+
+def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's JSON header only (8-byte length + JSON); {} if unreadable."""
+    import struct
+
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                return {}
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return {}
+    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and "shape" in v}
+
+
+def _this_model(hf: Any) -> str:
+    name = getattr(hf.config, "_name_or_path", "") or ""
+    return f"this model ({name!r}, " if name else f"this {type(hf).__name__} ("
+
+
+def _check_lora_fits(hf: Any, path: Path) -> None:
+    """One clear error when the LoRA tensors of ``path`` do not fit ``hf``'s layers (another model's adapter)."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MechcliffError(f"{path / 'adapter_config.json'} is damaged: {_one_line(exc)}") from None
+    shapes = _safetensors_shapes(path / "adapter_model.safetensors")
+    hidden = getattr(hf.config, "hidden_size", None)
+    bad: list[tuple[str, int, int | None]] = []  # (module, adapter's dimension, this model's dimension)
+    widths: list[int] = []  # the adapter's input width of layers that read the residual stream here
+    for key, shape in shapes.items():
+        side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+        if side is None or len(shape) != 2:
+            continue
+        module_name = key.split(f".lora_{side}.")[0].removeprefix("base_model.model.")
+        try:
+            module = hf.get_submodule(module_name)
+        except AttributeError:
+            bad.append((module_name, shape[1] if side == "A" else shape[0], None))
+            continue
+        want = getattr(module, "in_features" if side == "A" else "out_features", None)
+        have = shape[1] if side == "A" else shape[0]
+        if side == "A" and want == hidden:
+            widths.append(have)
+        if want is not None and have != want:
+            bad.append((module_name, have, want))
+    if not bad:
+        return
+    for_model = f"it is for {base!r}" if base else "it is for another model"
+    mismatched = [w for w in widths if w != hidden]
+    if mismatched:
+        width = max(set(mismatched), key=mismatched.count)
+        raise MechcliffError(
+            f"cannot apply adapter {path}: {for_model} (hidden size {width}), not for {_this_model(hf)}hidden size "
+            f"{hidden}); load it on its base model" + (f": load_model({base!r}, adapter=...)" if base else "")
+        )
+    module_name, have, want = bad[0]
+    what = f"has no layer {module_name}" if want is None else f"has {module_name} of size {want}, not {have}"
+    raise MechcliffError(f"cannot apply adapter {path}: {for_model}; {_this_model(hf)}hidden size {hidden}) {what} "
+                         f"({len(bad)} LoRA tensors do not fit)")
+
+
+def _check_full_weights_fit(hf: Any, full: Path) -> None:
+    """One clear error when the full fine-tuned weights in ``full`` have other shapes than ``hf``'s."""
+    own = {k: list(v.shape) for k, v in hf.state_dict().items()}
+    bad = [(k, s, own[k]) for k, s in _safetensors_shapes(full).items() if k in own and own[k] != s]
+    if bad:
+        name, have, want = bad[0]
+        raise MechcliffError(
+            f"{full} holds weights of another model: {len(bad)} tensors differ in shape, e.g. {name} is "
+            f"{tuple(have)} there and {tuple(want)} in {_this_model(hf)}hidden size "
+            f"{getattr(hf.config, 'hidden_size', '?')})"
+        )
 
 
 def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
