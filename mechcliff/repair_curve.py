@@ -15,11 +15,28 @@
    ``report.html`` and the :class:`RepairCurve` result (``curve/``), which re-plots without the model.
 
 Every point is appended to ``points.jsonl`` as soon as it is measured; re-running the command skips them.
+
+**What may be reused.** A run folder belongs to one *experiment*, recorded in ``manifest.json`` under
+``experiment``: the configuration fields that change a measurement (:data:`EXPERIMENT_CONFIG`: model name, prompt
+sources and splits, probe, selection options, training mix, fine-tuning settings, generation lengths, seed), the
+weights fingerprint of the model (``handle.model_hash``; the same name may hold other weights), content hashes of
+the prompt sets (pool, held-out attacks, training mix, held-out harmless), the judge (name, version and
+configuration: :func:`mechcliff.judging.judge_identity`) and a hash of the files of ``probe`` when one is given.
+Re-running in a folder of another experiment is *refused* with a :class:`MechcliffError` naming what differs, before
+anything is read or written: its rollouts, probe, scored pool and unrepaired measurement are shared by all points,
+so nothing in it could be reused (and nothing is deleted; choose another ``--out``). Each point of
+``points.jsonl`` is in addition keyed by ``experiment``: a hash of the above and of what was computed from it (the
+saved rollouts, the scored pool file, the refusal target), together with its method, budget and training seed. A
+line of another experiment (a hand-edited pool, a point copied from elsewhere, or a line written before points
+carried the key) is kept in the file but never reused or pooled; that point is measured again and appended (its
+``adapters/`` and ``selections/`` subfolders are rewritten). Only the seeds ``0 .. seeds-1`` of the current
+configuration are pooled into a point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -36,6 +53,10 @@ from mechcliff.selection import METHODS, CandidatePool, select
 from mechcliff.stats import Rate
 
 POINT_FIELDS = ("method", "fraction", "asr", "asr_low", "asr_high", "harmless_refusal", "capability")
+EXPERIMENT_CONFIG = ("model", "attack", "harmless", "eval_fraction", "n_per_group", "plateau", "stratify", "dedupe",
+                     "mix_ratio", "min_mix", "probe", "finetune", "max_think_tokens", "max_answer_tokens", "seed")
+"""The configuration fields a repair-curve folder is tied to (``methods``, ``fractions`` and ``seeds`` only say
+which points to measure; ``batch_size`` only how fast)."""
 
 
 @dataclasses.dataclass
@@ -258,6 +279,10 @@ class RepairCurveRun:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.handle: Any = None
+        self._unchecked: Any = None  # a handle loaded without the conformance check, only to fingerprint the weights
+        self.experiment: dict[str, Any] | None = None
+        self.point_experiment: str | None = None
+        self.old_manifest: dict[str, Any] = {}
         if self.dir.exists() and not self.dir.is_dir():
             raise MechcliffError(f"--out {self.dir} exists and is not a folder")
         man = self.dir / "manifest.json"
@@ -268,20 +293,105 @@ class RepairCurveRun:
                 raise MechcliffError(f"cannot read {man} ({exc}); choose another --out") from None
             if not isinstance(old, dict) or "mechcliff_repair_curve" not in old:
                 raise MechcliffError(f"{self.dir} is not a repair-curve folder; choose another --out")
+            self.old_manifest = old
             if old.get("data_hash") and old["data_hash"] != self._data_hash():
-                raise MechcliffError(f"{self.dir} holds a repair curve of another model, data or training setup; "
-                                     "choose another --out")
+                d = _jsonable(self.cfg.to_dict())
+                was = old.get("config") if isinstance(old.get("config"), dict) else {}
+                fields = [k for k in EXPERIMENT_CONFIG if k in was and was[k] != d[k]]
+                what = f"config fields {', '.join(fields)}" if fields else "configuration"
+                raise MechcliffError(f"{self.dir} holds a repair curve of another experiment: different {what}. Its "
+                                     "rollouts, pool and points cannot be reused: choose another --out")
 
     def _data_hash(self) -> str:
         d = self.cfg.to_dict()
-        keep = ("model", "attack", "harmless", "eval_fraction", "n_per_group", "plateau", "stratify", "dedupe",
-                "mix_ratio", "min_mix", "probe", "finetune", "max_think_tokens", "max_answer_tokens", "seed")
-        return content_hash([{k: d[k] for k in keep}])
+        return content_hash([{k: d[k] for k in EXPERIMENT_CONFIG}])
+
+    # ---- what a folder and its points are tied to ----
+    def _model_identity(self, fresh: bool) -> dict[str, Any]:
+        """Name and weights fingerprint of the model. A fresh folder loads the model as the run will use it; a
+        resumed one only needs the fingerprint (loaded without the conformance check, which a run that still has
+        work to do performs when it loads the model for that work)."""
+        if self.handle is None and fresh:
+            self.model()
+        h = self.handle
+        if h is None:
+            if self._unchecked is None:
+                from mechcliff.model.loading import load_model
+
+                self._unchecked = load_model(self.cfg.model, seed=self.cfg.seed, check=False)
+            h = self._unchecked
+        return {"model": self.cfg.model, "model_hash": h.model_hash, "adapter": h.extra.get("adapter")}
+
+    def _probe_hash(self) -> str | None:
+        """Content hash of the files of the configured probe (None without one, or when it does not exist yet: the
+        load reports that)."""
+        if not self.cfg.probe:
+            return None
+        path = Path(self.cfg.probe)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.exists() else []
+        if not files:
+            return None
+        return content_hash([[f.name if f == path else str(f.relative_to(path)),
+                              hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])
+
+    def experiment_of(self, sets: dict[str, list[Prompt]], fresh: bool) -> dict[str, Any]:
+        """The experiment this folder is tied to (see the module docstring)."""
+        from mechcliff.judges import get_judge
+        from mechcliff.judging import judge_identity
+
+        return _jsonable({"config": self._data_hash(), "model": self._model_identity(fresh),
+                          "prompts": {k: content_hash([p.text for p in v]) for k, v in sets.items()},
+                          "judge": judge_identity(get_judge("refusal")), "probe": self._probe_hash()})
+
+    def check_experiment(self, exp: dict[str, Any]) -> None:
+        """Refuse (MechcliffError naming what differs) a folder written for another experiment. Folders of an older
+        mechcliff (no ``experiment`` in the manifest) are checked on what their manifest recorded: the model's
+        fingerprint and the prompt hashes."""
+        old = self.old_manifest
+        if not old:
+            return
+        was = old.get("experiment") if isinstance(old.get("experiment"), dict) else {}
+        diffs = []
+        old_hash = (was.get("model") or {}).get("model_hash") or (old.get("model") or {}).get("model_hash")
+        if old_hash and old_hash != exp["model"]["model_hash"]:
+            diffs.append(f"model weights (fingerprint {old_hash}, now {exp['model']['model_hash']})")
+        if was.get("model") and was["model"].get("adapter") != exp["model"]["adapter"]:
+            diffs.append("model adapter")
+        old_prompts = was.get("prompts") or {k: v.get("hash") for k, v in (old.get("prompts") or {}).items()
+                                             if isinstance(v, dict)}
+        if old_prompts:
+            changed = sorted(k for k in set(old_prompts) | set(exp["prompts"])
+                             if old_prompts.get(k) != exp["prompts"].get(k))
+            if changed:
+                diffs.append(f"prompts ({', '.join(changed)})")
+        if "judge" in was and was["judge"] != exp["judge"]:
+            j, now = was["judge"] or {}, exp["judge"]
+            if (j.get("name"), j.get("version")) == (now["name"], now["version"]):
+                diffs.append(f"judge configuration ({now['name']} version {now['version']}, other settings)")
+            else:
+                diffs.append(f"judge ({j.get('name')} version {j.get('version')}, now {now['name']} version "
+                             f"{now['version']})")
+        if "probe" in was and was["probe"] != exp["probe"]:
+            diffs.append(f"probe (the files of {self.cfg.probe} changed)")
+        if was.get("config") and was["config"] != exp["config"]:
+            diffs.append("configuration")
+        if diffs:
+            raise MechcliffError(f"{self.dir} holds a repair curve of another experiment: different "
+                                 f"{'; '.join(diffs)}. Its rollouts, pool and points cannot be reused: choose another "
+                                 "--out")
+
+    def _point_experiment(self, rolls: dict[str, list[Rollout]], refusal: str) -> str:
+        """The key every point of this run carries: the experiment and what was computed from it."""
+        pool_file = self.dir / "pool" / "candidates.jsonl"
+        return content_hash([{"experiment": self.experiment, "refusal": refusal,
+                              "rollouts": {k: content_hash(v) for k, v in sorted(rolls.items())},
+                              "pool": hashlib.sha256(pool_file.read_bytes()).hexdigest()}])
 
     def model(self) -> Any:
         if self.handle is None:
             from mechcliff.model.loading import load_model
 
+            self._unchecked = None
             self.log(f"loading model '{self.cfg.model}' ...")
             self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True)
         return self.handle
@@ -349,9 +459,11 @@ class RepairCurveRun:
         from mechcliff.repair import FinetuneConfig, build_examples, finetune, refusal_answer
 
         c = self.cfg
-        self.dir.mkdir(parents=True, exist_ok=True)
         t_start = time.time()
         sets = self.prompt_sets()
+        self.experiment = self.experiment_of(sets, fresh=not self.old_manifest)
+        self.check_experiment(self.experiment)  # before anything in the folder is read or written
+        self.dir.mkdir(parents=True, exist_ok=True)
         self._manifest(sets, "running")
         rdir = self.dir / "rollouts"
         if not all((rdir / f"{name}.jsonl").exists() for name in sets):
@@ -364,6 +476,7 @@ class RepairCurveRun:
         pool = self._pool(rolls)
         refusal = refusal_answer(rolls["pool"] + rolls["eval_attack"])
         self.log(f"[pool] {len(pool)} candidates; refusal target: {refusal!r}")
+        self.point_experiment = self._point_experiment(rolls, refusal)
         unrep_path = self.dir / "unrepaired.json"
         if unrep_path.exists():
             unrepaired = json.loads(unrep_path.read_text())
@@ -385,8 +498,7 @@ class RepairCurveRun:
             same = next((r for r in self._done_points().values() if r.get("selection_hash") == sel_hash), None)
             if same is not None:  # another budget rounded to the same selection: the same fine-tune, not redone
                 rec = {**same, "key": key, "fraction": f, "reused_from": same["key"], "seconds": 0.0}
-                with open(self.dir / "points.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                self._append_point(rec)
                 continue
             ex = build_examples(sel.rollouts(pool), rolls["mix"], refusal=refusal, mix_ratio=c.mix_ratio,
                                 min_mix=c.min_mix, seed=c.seed + s)
@@ -398,12 +510,12 @@ class RepairCurveRun:
             repaired = load_model(c.model, seed=c.seed, adapter=self.dir / "adapters" / key, check=False)
             ev = self.evaluate(repaired, rolls["eval_harmless"], sets=sets)
             groups = [r.group for r in sel.rollouts(pool)]
-            rec = {"key": key, "method": m, "fraction": f, "seed": s, "n_selected": len(sel), "selection_hash": sel_hash,
+            rec = {"key": key, "experiment": self.point_experiment, "method": m, "fraction": f, "seed": s,
+                   "n_selected": len(sel), "selection_hash": sel_hash,
                    "selected_by_group": {g: groups.count(g) for g in sorted(set(groups), key=str)},
                    "train_loss_first": float(ft.losses[0]), "train_loss_last": float(ft.losses[-1]),
                    "steps": int(len(ft.losses)), "seconds": round(time.time() - t, 2), **ev}
-            with open(self.dir / "points.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            self._append_point(rec)
             self.log(f"[curve] {key}: n={len(sel)} ASR {ev['asr_k']}/{ev['asr_n']}, harmless refused "
                      f"{ev['harmless_k']}/{ev['harmless_n']}, ppl {ev['capability']:.4f}")
         curve = self.aggregate(unrepaired, len(pool))
@@ -445,16 +557,37 @@ class RepairCurveRun:
         return fit_probe(h, encode_rollouts(h, data), labels, seed=self.cfg.seed, label_source=source,
                          batch_size=self.cfg.batch_size)
 
+    def _append_point(self, rec: dict[str, Any]) -> None:
+        """Append one point to ``points.jsonl``, first ending a torn last line (a run killed mid-write) so that the new
+        point starts its own line: the fragment is cut off, or, if it is a complete record, given its newline."""
+        path = self.dir / "points.jsonl"
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                try:
+                    json.loads(data[cut:])
+                    with open(path, "ab") as fh:
+                        fh.write(b"\n")
+                except ValueError:
+                    with open(path, "r+b") as fh:
+                        fh.truncate(cut)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
     def _done_points(self) -> dict[str, dict[str, Any]]:
+        """The points of ``points.jsonl`` measured in this run's experiment, by key. Lines of another experiment (or
+        without one) are left in the file and ignored."""
         path = self.dir / "points.jsonl"
         done: dict[str, dict[str, Any]] = {}
-        if path.exists():
+        if path.exists() and self.point_experiment is not None:
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a torn last line from an interrupted run: that point is redone
-                done[rec["key"]] = rec
+                if isinstance(rec, dict) and rec.get("experiment") == self.point_experiment and "key" in rec:
+                    done[rec["key"]] = rec
         return done
 
     def aggregate(self, unrepaired: dict[str, Any], pool_size: int) -> RepairCurve:
@@ -463,7 +596,7 @@ class RepairCurveRun:
         wanted = {(m, f) for m in self.cfg.methods for f in ([1.0] if m == "all" else self.cfg.fractions)}
         points = []
         for m, f in sorted(wanted, key=lambda mf: (METHODS.index(mf[0]), mf[1])):
-            rs = [r for r in recs if r["method"] == m and r["fraction"] == f]
+            rs = [r for r in recs if r["method"] == m and r["fraction"] == f and int(r.get("seed", 0)) < self.cfg.seeds]
             if rs:
                 points.append(_pooled(rs, m, f, unrepaired))
         return RepairCurve(points=points, unrepaired=_pooled([unrepaired], "unrepaired", 0.0, unrepaired),
@@ -494,7 +627,8 @@ class RepairCurveRun:
         path = self.dir / "manifest.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         man = {"mechcliff_repair_curve": 1, "status": status, "command": " ".join(sys.argv),
-               "config": self.cfg.to_dict(), "data_hash": self._data_hash(), "versions": versions(), "environment": _environment(),
+               "config": self.cfg.to_dict(), "data_hash": self._data_hash(), "experiment": self.experiment,
+               "versions": versions(), "environment": _environment(),
                "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "prompts": {k: {"n": len(v), "hash": content_hash([p.text for p in v])} for k, v in sets.items()},
@@ -502,6 +636,11 @@ class RepairCurveRun:
         if seconds is not None:
             man["total_seconds"] = round(seconds, 1)
         atomic_write_text(path, json.dumps(man, indent=1, default=str))
+
+
+def _jsonable(x: Any) -> Any:
+    """``x`` as it reads back from JSON (so that a fresh value compares equal to the one in a manifest)."""
+    return json.loads(json.dumps(x, sort_keys=True, default=repr))
 
 
 def _pooled(rs: list[dict[str, Any]], method: str, fraction: float, unrepaired: dict[str, Any]) -> dict[str, Any]:

@@ -8,12 +8,28 @@ and measures capability on harmless text so that "safer" never hides "broken":
 * ``kl``: mean KL(base ‖ intervened) of the next-token distribution at the end of the harmless generation prompts.
 
 Cells are appended to ``out_dir/cells.jsonl`` as they finish; a re-run skips the cells already there (resumable).
+
+**What makes a cached cell reusable.** Every line of ``cells.jsonl`` records the *experiment* that produced it
+(:func:`sweep_experiment`): the model's weights fingerprint (``handle.model_hash``), its adapter
+(``handle.extra["adapter"]``) and chat template; content hashes of the attack prompt texts, the harmless prompt
+texts and the harmless rollouts the capability loss is measured on; the judge (name, version, and a hash of its
+``describe()``); the generation settings (the ``generation`` dict with ``generate_rollouts``'s defaults filled in,
+display-only keys ``progress`` and ``desc`` left out) and the sweep's ``seed``; and, for the cell itself, mode, γ,
+k, selection, seed index and the exact heads. A cell is reused only when all of these are equal.
+
+*Cells of another experiment are kept, not reused, not deleted*: they stay in the file (a folder can hold several
+experiments), are ignored, and the cell is recomputed and appended; a :class:`UserWarning` says how many lines were
+ignored and which parts of the experiment differ. Lines written before cells carried their experiment (no
+``experiment`` field) are treated the same way. Only a half-written last line (no newline: the run was killed
+mid-write) is cut off, since the next cell is appended after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -21,7 +37,7 @@ import numpy as np
 import torch
 
 from mechcliff.chat import EncodedBatch, encode
-from mechcliff.data import Prompt, Rollout
+from mechcliff.data import Prompt, Rollout, content_hash
 from mechcliff.errors import MechcliffError
 from mechcliff.interventions import head_label, intervene, parse_head
 from mechcliff.results import Result
@@ -67,6 +83,7 @@ class AblationSweepResult(Result):
     baseline: dict[str, Any]
     judge: str = "refusal"
     model_id: str = ""
+    experiment: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the cells were computed from
 
     def to_dataframe(self):
         import pandas as pd
@@ -111,8 +128,88 @@ class AblationSweepResult(Result):
                 ("judge", self.judge)]
 
 
-def _cell_key(c: dict[str, Any]) -> tuple:
-    return (c["mode"], float(c["gamma"]), int(c["k"]), c["selection"], int(c["seed"]))
+_DISPLAY_ONLY = ("progress", "desc")  # generation options that cannot change a result
+
+
+def _jsonable(x: Any) -> Any:
+    """``x`` as it reads back from JSON (tuples become lists; anything else unknown becomes its repr)."""
+    return json.loads(json.dumps(x, sort_keys=True, default=repr))
+
+
+def generation_settings(generation: dict[str, Any] | None) -> dict[str, Any]:
+    """The generation options that decide a result: ``generate_rollouts``'s defaults overridden by ``generation``,
+    without the display-only ones (so ``{}`` and the explicit defaults are the same settings)."""
+    from mechcliff.generation import generate_rollouts
+
+    params = inspect.signature(generate_rollouts).parameters
+    full = {k: v.default for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
+            and v.default is not inspect.Parameter.empty}
+    full.update(generation or {})
+    return _jsonable({k: v for k, v in full.items() if k not in _DISPLAY_ONLY})
+
+
+def _texts(prompts: Sequence[Any]) -> list[str]:
+    return [p.text if isinstance(p, Prompt) else str(p) for p in prompts]
+
+
+def sweep_experiment(handle: Any, attack_prompts: Sequence[Any], harmless_prompts: Sequence[Any],
+                     harmless_rollouts: Sequence[Rollout], judge: Any, generation: dict[str, Any] | None,
+                     seed: int) -> dict[str, Any]:
+    """Everything besides the cell's own grid position and heads that a cached cell must share to be reused."""
+    from mechcliff.judging import judge_identity
+
+    template = getattr(getattr(handle, "tokenizer", None), "chat_template", None)
+    return _jsonable({
+        "model_hash": handle.model_hash,
+        "adapter": (getattr(handle, "extra", None) or {}).get("adapter"),
+        "chat_template": content_hash([template if isinstance(template, (str, type(None))) else repr(template)]),
+        "attack_prompts": content_hash(_texts(attack_prompts)),
+        "harmless_prompts": content_hash(_texts(harmless_prompts)),
+        "harmless_rollouts": content_hash(list(harmless_rollouts)),
+        "judge": judge_identity(judge),
+        "generation": generation_settings(generation),
+        "seed": int(seed),
+    })
+
+
+def _cell_id(c: dict[str, Any]) -> tuple:
+    """A cell's position in the grid and its heads."""
+    return (c["mode"], float(c["gamma"]), int(c["k"]), c["selection"], int(c["seed"]), tuple(c["heads"]))
+
+
+def _read_cells(cells_file: Path, experiment: dict[str, Any]) -> tuple[dict[tuple, dict[str, Any]], list[str]]:
+    """The cells of ``cells_file`` computed in ``experiment`` (by :func:`_cell_id`), and a description of each
+    line that was ignored. A torn last line (no trailing newline) is cut off; no complete line is ever removed."""
+    data = cells_file.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            _cell_id(json.loads(data[cut:]))  # a complete record that only lacks its newline: keep it
+            with open(cells_file, "ab") as f:
+                f.write(b"\n")
+            data += b"\n"
+        except (ValueError, KeyError, TypeError):
+            with open(cells_file, "r+b") as f:  # killed mid-write: drop the fragment so the next cell starts a line
+                f.truncate(cut)
+            data = data[:cut]
+    done: dict[tuple, dict[str, Any]] = {}
+    ignored: list[str] = []
+    for raw in data.splitlines():
+        try:
+            rec = json.loads(raw)
+            cid = _cell_id(rec)
+        except (ValueError, KeyError, TypeError):
+            ignored.append("not a cell (unreadable)")
+            continue
+        old = rec.get("experiment")
+        if old == experiment:
+            done.setdefault(cid, {k: v for k, v in rec.items() if k != "experiment"})
+        elif not isinstance(old, dict):
+            ignored.append("written before cells recorded their experiment")
+        else:
+            ignored.append("different " + ", ".join(sorted(k for k in set(old) | set(experiment)
+                                                            if old.get(k) != experiment.get(k))))
+    return done, ignored
 
 
 def ablation_sweep(
@@ -144,17 +241,17 @@ def ablation_sweep(
         raise MechcliffError(f"every k must be between 1 and the number of ranked heads ({len(ranked)}), got {list(ks)}")
     gen = {"progress": False, **(generation or {})}
     cells_file = Path(out_dir) / "cells.jsonl" if out_dir is not None else None
-    done: dict[tuple, dict[str, Any]] = {}
-    if cells_file is not None and cells_file.exists():
-        for line in cells_file.read_text().splitlines():
-            try:
-                c = json.loads(line)
-                done[_cell_key(c)] = c
-            except (json.JSONDecodeError, KeyError):
-                break  # a torn last line: redo that cell
-        cells_file.write_text("".join(json.dumps(c) + "\n" for c in done.values()))
     if harmless_rollouts is None:
         harmless_rollouts = generate_rollouts(handle, list(harmless_prompts), **gen)
+    experiment = sweep_experiment(handle, attack_prompts, harmless_prompts, harmless_rollouts, judge, generation, seed)
+    done: dict[tuple, dict[str, Any]] = {}
+    if cells_file is not None and cells_file.exists():
+        done, ignored = _read_cells(cells_file, experiment)
+        if ignored:
+            why = "; ".join(f"{n} line(s): {w}" for w, n in
+                            sorted({w: ignored.count(w) for w in ignored}.items(), key=lambda wn: -wn[1]))
+            warnings.warn(f"{cells_file}: {len(ignored)} cached cell(s) come from another experiment and are not "
+                          f"reused (they stay in the file); {why}", stacklevel=2)
     cap_batch = encode_rollouts(handle, list(harmless_rollouts), enable_thinking=gen.get("enable_thinking", True))
     kl_batch = encode(handle, [p.text if isinstance(p, Prompt) else p for p in harmless_prompts],
                       enable_thinking=gen.get("enable_thinking", True))
@@ -175,7 +272,7 @@ def ablation_sweep(
 
     cells = []
     for mode, gamma, k, sel, sd, hs in tqdm(plan, desc="sweep", disable=not progress, leave=False):
-        key = (mode, gamma, k, sel, sd)
+        key = (mode, gamma, k, sel, sd, tuple(head_label(h) for h in hs))
         if key in done:
             cells.append(done[key])
             continue
@@ -193,6 +290,6 @@ def ablation_sweep(
         if cells_file is not None:
             cells_file.parent.mkdir(parents=True, exist_ok=True)
             with open(cells_file, "a") as f:
-                f.write(json.dumps(cell) + "\n")
+                f.write(json.dumps({**cell, "experiment": experiment}) + "\n")
     return AblationSweepResult(cells=cells, baseline=baseline, judge=getattr(judge, "name", "judge"),
-                               model_id=handle.model_id)
+                               model_id=handle.model_id, experiment=experiment)

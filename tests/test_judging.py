@@ -80,8 +80,10 @@ def test_out_from_another_input_or_judge_is_refused(tmp_path):
     out = tmp_path / "out.jsonl"
     judge_file(src, out, get_judge("refusal"), progress=False)
     before = out.read_text()
-    with pytest.raises(MechcliffError, match="another judge or another input"):
+    with pytest.raises(MechcliffError, match=r"other\.jsonl:1 .*another input"):
         judge_file(other, out, get_judge("refusal"), progress=False)
+    with pytest.raises(MechcliffError, match="another judge"):
+        judge_file(src, out, get_judge("probe", score_fn=lambda p, t, r: [0.0] * len(p)), progress=False)
     assert out.read_text() == before
 
 
@@ -175,3 +177,82 @@ def test_probe_judge_from_the_command_line(tmp_path, capsys, organism_probe, org
     assert got == [r.group == "harmful" for r in rolls]  # the organism refuses exactly the plain harmful prompts
     assert main(["judge", "--judge", "probe", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert "needs --model" in capsys.readouterr().err
+
+
+# ---- issue 16 / item 17: each verdict is keyed by its own record and by the judge's name and version ----------
+
+
+def test_grown_input_judges_only_the_new_lines_and_keeps_the_old_verdicts(tmp_path, capsys):
+    src = _write(tmp_path / "in.jsonl", RECORDS[:3])
+    out = tmp_path / "out.jsonl"
+    assert main(["judge", "--input", str(src), "--out", str(out), "--no-progress"]) == 0
+    before = out.read_text()
+    with open(src, "a") as f:  # the input grows: two lines appended
+        f.write("".join(json.dumps(r) + "\n" for r in RECORDS[3:]))
+    capsys.readouterr()
+    assert main(["judge", "--input", str(src), "--out", str(out), "--no-progress"]) == 0
+    assert "5 verdicts (3 already judged)" in capsys.readouterr().out
+    assert out.read_text().startswith(before)  # the old verdicts are kept as they were
+    assert [v["refused"] for v in _lines(out)] == EXPECTED and [v["index"] for v in _lines(out)] == list(range(5))
+    # Judged in two sessions or in one: the same verdicts, and `agree` sees the same records.
+    judge_file(src, tmp_path / "full.jsonl", get_judge("refusal"), progress=False)
+    assert agreement(out, tmp_path / "full.jsonl").agreement == 1.0
+
+
+def test_a_changed_earlier_record_is_refused_naming_its_line(tmp_path):
+    src = _write(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "out.jsonl"
+    judge_file(src, out, get_judge("refusal"), progress=False)
+    before = out.read_text()
+    changed = [dict(r) for r in RECORDS] + [{"prompt": "new", "response": "fine"}]
+    changed[2]["response"] = "I cannot help with that."  # line 3 edited (and a line appended)
+    _write(src, changed)
+    with pytest.raises(MechcliffError, match=r"in\.jsonl:3 .*changed since it was judged") as exc:
+        judge_file(src, out, get_judge("refusal"), progress=False)
+    assert "out.jsonl:3" in str(exc.value)
+    assert out.read_text() == before  # nothing judged, nothing lost
+
+
+def test_verdicts_of_another_judge_version_are_refused(tmp_path):
+    from mechcliff.judges import RefusalPhraseJudge
+
+    src = _write(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "out.jsonl"
+    judge_file(src, out, get_judge("refusal"), progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]))  # interrupted after two verdicts
+    custom = RefusalPhraseJudge(phrases=("sorry",))  # also named "refusal", version "v1+custom"
+    with pytest.raises(MechcliffError, match=r"'refusal' version v1\b.*not 'refusal' version v1\+custom"):
+        judge_file(src, out, custom, progress=False)
+    assert out.read_text() == "".join(lines[:2])
+
+
+def test_verdict_files_written_before_record_keys_still_resume(tmp_path):
+    """A verdict file of the previous format (a whole-input ``source`` hash, no per-record key) resumes on the same
+    input, and is refused on any other."""
+    from mechcliff.data import content_hash, load_rollouts
+
+    src = _write(tmp_path / "in.jsonl", RECORDS)
+    source = content_hash([r.to_dict() for r in load_rollouts(src)])
+    old = [{"index": i, "id": r["id"], "refused": e, "judge": "refusal", "judge_version": "v1", "source": source}
+           for i, (r, e) in enumerate(zip(RECORDS, EXPECTED))][:3]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(v) + "\n" for v in old))
+    s = judge_file(src, out, get_judge("refusal"), progress=False)
+    assert s.resumed == 3 and [v["refused"] for v in _lines(out)] == EXPECTED
+    out.write_text("".join(json.dumps(v) + "\n" for v in old))
+    _write(src, RECORDS + RECORDS[:1])
+    with pytest.raises(MechcliffError, match="older mechcliff"):
+        judge_file(src, out, get_judge("refusal"), progress=False)
+
+
+def test_a_damaged_line_before_the_end_is_an_error_not_a_truncation(tmp_path):
+    src = _write(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "out.jsonl"
+    judge_file(src, out, get_judge("refusal"), progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][:9] + "\n" + "".join(lines[2:4]))
+    before = out.read_text()
+    with pytest.raises(MechcliffError, match=r"out\.jsonl:2: not a verdict line"):
+        judge_file(src, out, get_judge("refusal"), progress=False)
+    assert out.read_text() == before

@@ -225,3 +225,87 @@ def test_select_and_repair_commands(short_curve, tmp_path, capsys):
     assert not (tmp_path / "rep2").exists()
     assert main(["check", "organism", "--adapter", str(tmp_path / "nope")]) == 2
     assert "adapter folder not found" in capsys.readouterr().err
+
+
+# ---- issue 16: a point is reused only when the experiment that measured it is the same --------------------------
+
+CURVE_CFG = {"methods": ["cliff", "random", "all"], "fractions": [0.1, 0.25], "seeds": 1}
+
+
+def _no_finetune(*a, **k):
+    raise AssertionError("fine-tuned again")
+
+
+@pytest.fixture
+def curve_copy(short_curve, tmp_path, monkeypatch):
+    """A copy of the short curve's folder (so a test may spoil it), and a resume that must not fine-tune."""
+    import shutil
+
+    from mechcliff.repair_curve import RepairCurve, RepairCurveConfig, repair_curve
+
+    out, _ = short_curve
+    copy = tmp_path / "rc"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr("mechcliff.repair.finetune", _no_finetune)
+
+    def resume(**overrides):
+        cfg = RepairCurveConfig.from_dict({**CURVE_CFG, **overrides})
+        return repair_curve("organism", copy, config=cfg, progress=False, log=lambda m: None)
+
+    return copy, RepairCurve.load(out / "curve"), resume
+
+
+def test_points_of_another_experiment_are_kept_but_not_reused(curve_copy):
+    copy, original, resume = curve_copy
+    points = copy / "points.jsonl"
+    real = json.loads(points.read_text().splitlines()[0])
+    assert real["key"] == "cliff-0.1-s0"
+    forged = [{**real, "asr_k": 0, "harmless_k": real["harmless_n"], "experiment": "0" * 16},  # same key, other data
+              {**real, "asr_k": 0, "key": "cliff-0.1-s7", "seed": 7}]  # a seed this config does not run
+    with open(points, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in forged))
+    before = points.read_text()
+    again = resume()
+    assert again.points == original.points  # neither the other experiment's point nor seed 7 is pooled in
+    assert points.read_text() == before  # and neither was deleted
+
+
+@pytest.mark.parametrize("change, message", [
+    ("weights", "model weights"), ("prompts", "prompts"), ("judge", "judge"), ("finetune", "finetune")])
+def test_a_folder_of_another_experiment_is_refused(curve_copy, monkeypatch, change, message):
+    """Other weights behind the same model name, edited prompts, another judge version, other training settings:
+    the folder's rollouts, pool and points are of another experiment, so it is refused before anything is reused."""
+    import dataclasses
+
+    import mechcliff.data
+
+    copy, _, resume = curve_copy
+    overrides = {}
+    if change == "weights":
+        monkeypatch.setattr("mechcliff.model.loading.weights_fingerprint", lambda model: "0" * 16)
+    elif change == "prompts":
+        real = mechcliff.data.builtin_prompts
+
+        def edited(*a, **k):
+            ps = real(*a, **k)
+            return [dataclasses.replace(ps[0], text=ps[0].text + " please"), *ps[1:]]
+
+        monkeypatch.setattr(mechcliff.data, "builtin_prompts", edited)
+    elif change == "judge":
+        monkeypatch.setattr("mechcliff.judges.REFUSAL_PHRASES_VERSION", "v0")
+    else:
+        overrides = {"finetune": {"lr": 5e-3}}
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    with pytest.raises(MechcliffError, match=f"another experiment.*{message}"):
+        resume(**overrides)
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files  # nothing touched
+
+
+def test_an_edited_pool_is_not_trained_on_with_old_points(curve_copy):
+    copy, _, resume = curve_copy
+    pool = copy / "pool" / "candidates.jsonl"
+    rows = [json.loads(x) for x in pool.read_text().splitlines()]
+    rows[0]["final"] = -5.0  # another scoring of the candidates
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AssertionError, match="fine-tuned again"):  # the points are measured again, not reused
+        resume()

@@ -78,3 +78,69 @@ def test_bad_sweep_inputs(organism, groups, refusal_judge):
         ablation_sweep(organism, ["L1H3"], attack, harmless, judge=refusal_judge, ks=(2,), progress=False)
     with pytest.raises(MechcliffError, match="empty"):
         ablation_sweep(organism, [], attack, harmless, judge=refusal_judge, progress=False)
+
+
+def test_cached_cells_of_another_experiment_are_kept_but_not_reused(organism, groups, builtin, organism_rollouts,
+                                                                     refusal_judge, tmp_path, monkeypatch):
+    """Issue 16: a cell is reused only when the whole experiment that produced it is the same."""
+    import mechcliff.sweep as sweep_mod
+    from mechcliff.judges import RefusalPhraseJudge
+
+    attack, harmless = groups[0][:3], groups[1][:2]
+    harmless_rollouts = [r for r, p in zip(organism_rollouts, builtin) if p.group == "harmless"][:2]
+    assert [r.prompt for r in harmless_rollouts] == [p.text for p in harmless]
+    cells_file = tmp_path / "cells.jsonl"
+    # A cell of the old format (keyed by mode, γ, k, selection, seed only), from another experiment.
+    legacy = {"mode": "scale_z", "gamma": 0.0, "k": 1, "selection": "ranked", "seed": 0, "heads": ["L1H3"],
+              "asr": 0.0, "asr_low": 0.0, "asr_high": 0.5, "harmless_refusal": 0.0, "loss": 1.0, "kl": 0.0}
+    cells_file.write_text(json.dumps(legacy) + "\n")
+    calls = []
+    real = sweep_mod.intervene
+
+    def counting(*a, **k):
+        calls.append([tuple(h) for h in a[1]])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "intervene", counting)
+
+    def run(heads=("L1H3", "L1H6", "L2H1"), att=attack, judge=refusal_judge, generation=None, seed=0, ks=(1, 3)):
+        calls.clear()
+        return ablation_sweep(organism, list(heads), att, harmless, judge=judge, ks=ks, n_random=0, seed=seed,
+                              out_dir=tmp_path, generation=generation, harmless_rollouts=harmless_rollouts,
+                              progress=False)
+
+    with pytest.warns(UserWarning, match=r"1 cached cell\(s\) come from another experiment .*not reused"):
+        first = run()
+    assert len(calls) == 2, "the legacy cell was reused"
+    assert [c["heads"] for c in first.cells] == [["L1H3"], ["L1H3", "L1H6", "L2H1"]]
+    assert first.cells[1]["asr"] == 0.0  # the planted circuit, ablated
+    # The issue's case: other ranked heads in the same folder -> the old cells must not come back.
+    with pytest.warns(UserWarning, match="1 cached cell"):  # only the legacy line: these are other cells
+        other = run(heads=("L3H7", "L0H0", "L2H2"))
+    assert len(calls) == 2
+    assert [c["heads"] for c in other.cells] == [["L3H7"], ["L3H7", "L0H0", "L2H2"]]
+    assert other.cells[1]["asr"] == 1.0  # not the planted circuit: the jailbreaks still succeed
+    other_prompts = [p for p in builtin if p.group == "harmful_jailbreak"][3:6]
+    custom_judge = RefusalPhraseJudge(phrases=("sorry",))  # same name, another version ("v1+custom")
+    for what, kw in (("prompts", dict(att=other_prompts)), ("judge version", dict(judge=custom_judge)),
+                     ("generation", dict(generation={"max_answer_tokens": 8})), ("seed", dict(seed=1))):
+        with pytest.warns(UserWarning) as warned:
+            run(ks=(1,), **kw)
+        assert len(calls) == 1, f"a cell was reused although the {what} differ"
+        assert any(what.split()[0] in str(w.message) for w in warned)  # the warning names what differs
+    with monkeypatch.context() as m:  # other weights, or the same base with an adapter
+        m.setattr(organism, "model_hash", "0000000000000000")
+        run(ks=(1,))
+        assert len(calls) == 1, "a cell was reused although the model weights differ"
+        m.setitem(organism.extra, "adapter", str(tmp_path / "adapter"))
+        run(ks=(1,))
+        assert len(calls) == 1, "a cell was reused although the adapter differs"
+    # Nothing was deleted: every cell ever computed (and the legacy one) is still in the file...
+    lines = [json.loads(x) for x in cells_file.read_text().splitlines()]
+    assert len(lines) == 1 + 2 * 2 + 6 and lines[0] == legacy
+    # ...and the first experiment, run again, gets exactly its own cells back without recomputing.
+    again = run()
+    assert calls == [] and again.cells == first.cells
+    # Explicit defaults are the same generation settings as implicit ones.
+    run(generation={"max_think_tokens": 64, "progress": True})
+    assert calls == []
