@@ -239,6 +239,17 @@ def ablation_sweep(
         raise MechcliffError("ranked_heads is empty")
     if any(k < 1 or k > len(ranked) for k in ks):
         raise MechcliffError(f"every k must be between 1 and the number of ranked heads ({len(ranked)}), got {list(ks)}")
+    from mechcliff.interventions import GAMMA_MODES, check_gamma
+
+    def gammas_of(mode: str) -> Sequence[float]:  # zero takes no gamma: one cell, not one per gamma
+        return gammas if mode in GAMMA_MODES else (0.0,)
+
+    for mode in modes:  # fail before any generation ("mean" needs mean_z, which the sweep does not compute)
+        if mode == "mean":
+            raise MechcliffError("ablation_sweep does not run mode 'mean' (it needs the heads' mean outputs); "
+                                 f"use one of {', '.join(GAMMA_MODES)} or 'zero'")
+        for gamma in gammas_of(mode):
+            check_gamma(mode, gamma)
     gen = {"progress": False, **(generation or {})}
     cells_file = Path(out_dir) / "cells.jsonl" if out_dir is not None else None
     if harmless_rollouts is None:
@@ -263,7 +274,7 @@ def ablation_sweep(
                 "loss": continuation_loss(handle, cap_batch), "kl": 0.0}
     plan = []
     for mode in modes:
-        for gamma in gammas:
+        for gamma in gammas_of(mode):
             for k in ks:
                 plan.append((mode, float(gamma), int(k), "ranked", 0, ranked[:k]))
                 for i, hs in enumerate(random_head_sets(handle, k, n_random, seed + 1000 * k)):

@@ -144,3 +144,19 @@ def test_cached_cells_of_another_experiment_are_kept_but_not_reused(organism, gr
     # Explicit defaults are the same generation settings as implicit ones.
     run(generation={"max_think_tokens": 64, "progress": True})
     assert calls == []
+
+
+def test_zero_mode_makes_one_cell_per_k_whatever_the_gammas_and_mean_is_refused_at_once(organism, builtin):
+    """zero takes no gamma: a grid over gammas gives it one cell per k (not one per gamma, each mislabelled)."""
+    from mechcliff.errors import MechcliffError
+    from mechcliff.judges import get_judge
+    from mechcliff.sweep import ablation_sweep
+
+    attack = [p for p in builtin if p.group == "harmful_jailbreak"][:2]
+    harmless = [p for p in builtin if p.group == "harmless"][:2]
+    res = ablation_sweep(organism, ["L1H3", "L1H6"], attack, harmless, judge=get_judge("refusal"), ks=(1,),
+                         gammas=(0.0, 0.5), modes=("zero", "scale_z"), n_random=0, progress=False)
+    assert sorted((c["mode"], c["gamma"]) for c in res.cells) == [("scale_z", 0.0), ("scale_z", 0.5), ("zero", 0.0)]
+    with pytest.raises(MechcliffError, match="does not run mode 'mean'"):
+        ablation_sweep(organism, ["L1H3"], attack, harmless, judge=get_judge("refusal"), ks=(1,), modes=("mean",),
+                       progress=False)
