@@ -267,6 +267,7 @@ class FigureSpec:
     source_kinds: tuple[str, ...]
     build: Callable[[], Any] = dataclasses.field(repr=False)
     note: str = ""
+    bulk: bool | None = None  # drawn only when asked for (see _bulk); None: decided from the folder layout
 
     def matches(self, key: str) -> bool:
         return key in (self.name, self.kind) or key in self.source_kinds
@@ -345,6 +346,14 @@ def available(run_dir: str | Path) -> dict[str, FigureSpec]:
             "give the folder written by `mechcliff run --out DIR`"
         )
     specs: dict[str, FigureSpec] = {}
+    runs = _child_runs(root, saved)
+    for child in runs:  # a folder of run folders: each run's figures, named "<run>/<figure>"
+        child_specs = available(root / child)
+        for name, spec in child_specs.items():
+            full = f"{_slug(child)}/{name}"
+            specs[full] = dataclasses.replace(spec, name=full, sources=tuple(f"{child}/{r}" for r in spec.sources),
+                                              bulk=_bulk(spec, child_specs))
+    saved = [s for s in saved if not any(s.rel == c or s.rel.startswith(c + "/") for c in runs)]
     by_rel = {s.rel: s for s in saved}
     stages = {stage: by_rel[stage] for stage, kind in PIPELINE_STAGES.items()
               if stage in by_rel and by_rel[stage].kind == kind}
@@ -372,9 +381,28 @@ def available(run_dir: str | Path) -> dict[str, FigureSpec]:
     return specs
 
 
+def _child_runs(root: Path, saved: list[SavedResult]) -> list[str]:
+    """Sub-folders of ``root`` (itself no run folder: no manifest) that are run folders (a mechcliff manifest):
+    ``mechcliff plot PARENT`` draws each of them. Nested runs inside a run are that run's business."""
+    if (root / "manifest.json").is_file():
+        return []
+    runs: list[str] = []
+    for rel in sorted({s.rel for s in saved}):
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            cand = "/".join(parts[:i])
+            if cand != "." and (root / cand / "manifest.json").is_file():
+                if cand not in runs:
+                    runs.append(cand)
+                break
+    return runs
+
+
 def _bulk(spec: FigureSpec, specs: dict[str, FigureSpec]) -> bool:
     """A per-point sub-result (e.g. each selection and fine-tune of a repair curve): nested two or more folders
     deep and one of several of its kind. Drawn only when its kind is asked for, not by default."""
+    if spec.bulk is not None:
+        return spec.bulk
     same = sum(1 for s in specs.values() if s.kind == spec.kind)
     return len(spec.sources) == 1 and spec.sources[0].count("/") >= 1 and same > 1
 
@@ -545,17 +573,19 @@ def export(figs: dict[str, Any], out_dir: str | Path, formats: str | Sequence[st
     missing = bool(static) and browser is None
     html_wanted = "html" in fmts or missing
     files: dict[str, list[Path]] = {name: [] for name in figs}
+    for name in figs:  # names of a folder of runs are "<run>/<figure>": one subfolder per run
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
     for name, fig in figs.items():
         if html_wanted:
             path = out / f"{name}.html"
             _write_html(fig, path)
             files[name].append(path)
     if static and browser is not None:
-        jobs = [(fig, out / f"{name}.{fmt}", fmt, st.png_scale if fmt == "png" else 1.0)
-                for name, fig in figs.items() for fmt in static]
-        _write_static(jobs, browser)
-        for fig, path, _, _ in jobs:
-            files[path.stem].append(path)
+        named = [(name, (fig, out / f"{name}.{fmt}", fmt, st.png_scale if fmt == "png" else 1.0))
+                 for name, fig in figs.items() for fmt in static]
+        _write_static([job for _, job in named], browser)
+        for name, (_, path, _, _) in named:
+            files[name].append(path)
     for name in files:
         order = {f: i for i, f in enumerate(fmts)}
         files[name].sort(key=lambda p: order.get(p.suffix.lstrip("."), len(order)))

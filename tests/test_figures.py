@@ -610,3 +610,22 @@ def test_demo_like_run_plots_without_model_libraries(run_dir, every_kind_dir, tm
             if ext == "svg":
                 assert b"<svg" in f.read_bytes()[:500]
     assert not list(cache.iterdir())  # nothing was downloaded or converted
+
+
+def test_a_folder_of_run_folders_draws_each_run_in_its_own_subfolder(run_dir, tmp_path, capsys):
+    """Issue 16 item 8: `mechcliff plot PARENT` on a folder holding several runs wrote 0 files."""
+    import shutil
+
+    parent = tmp_path / "runs"
+    for name in ("seed0", "seed1"):
+        shutil.copytree(run_dir, parent / name, ignore=shutil.ignore_patterns("figures"))
+    one = {n for n, s in figures.available(run_dir).items() if not s.note and not figures._bulk(s, figures.available(run_dir))}
+    rc, out, _ = _cli(capsys, "plot", str(parent), "--kind")
+    assert rc == 0 and all(f"seed0/{n}" in out and f"seed1/{n}" in out for n in one)
+    rc, out, err = _cli(capsys, "plot", str(parent), "--format", "html")
+    assert rc == 0, err
+    for run in ("seed0", "seed1"):
+        written = {p.stem for p in (parent / "figures" / "paper" / run).glob("*.html")}
+        assert written == one, (run, written ^ one)
+        assert (parent / "figures" / "paper" / run / "plotly.min.js").exists()  # each page opens offline
+    assert f"wrote {2 * len(one)} file(s) for {2 * len(one)} figure(s)" in out
