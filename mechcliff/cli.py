@@ -210,8 +210,10 @@ def _judge(args: argparse.Namespace) -> int:
     from mechcliff.judges import JUDGES, get_judge
 
     if args.judge == "list":
+        needs = {"probe": " Needs --model MODEL --probe PROBE_DIR.", "classifier": " Needs --classifier FOLDER."}
         for name, cls in JUDGES.items():
-            print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            first = (cls.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph, whole
+            print(f"{name:12s} {' '.join(first.replace('``', '').split())}{needs.get(name, '')}")
         return 0
     if not args.input or not args.out:
         raise MechcliffError("mechcliff judge needs --input FILE and --out FILE (or --judge list)")
