@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="mechcliff",
         description="Mechanistic interpretability of the refusal cliff in reasoning language models.",
     )
+    p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     r = sub.add_parser(
         "run", help="run the whole pipeline (rollouts, probe, trace, attribution, ablation, report)",
@@ -30,12 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None,
                    help="'organism' (built-in, default), 'smollm2-135m-instruct', a local HF folder, a .gguf file, "
                    "or a Hugging Face id (needs network)")
-    r.add_argument("--out", required=True, help="run folder to write (created if missing; resumed if present)")
+    r.add_argument("--out", default=None, help="run folder to write (created if missing; resumed if present)")
     r.add_argument("--config", default=None, help="JSON or TOML file of RunConfig options (see mechcliff.pipeline)")
     r.add_argument("--adapter", default=None, help="fine-tuned weights to apply to the model (a folder written by 'mechcliff repair')")
     r.add_argument("--quick", action="store_true", help="a quick run: 40 prompts per group, shorter generations, 2 random-head sets on real models")
     r.add_argument("--seed", type=int, default=None, help="seed for generation, probe split and random heads")
     r.add_argument("--n-per-group", type=int, default=None, help="use at most this many prompts per group")
+    for flag, (field, kind, text) in RUN_FLAGS.items():
+        r.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    r.add_argument("--print-config", action="store_true",
+                   help="print the configuration the run would use (the model's defaults, then --config, then these "
+                   "flags) as JSON, and exit")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--overwrite", action="store_true",
                    help="the --out folder holds a run with another configuration: recompute the stages that depend "
@@ -56,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = sub.add_parser("agree", help="agreement between two verdict files (raw agreement, Cohen's kappa)",
                        description="Compare two verdict files written by 'mechcliff judge' on the same input.")
-    a.add_argument("verdicts_a")
-    a.add_argument("verdicts_b")
+    a.add_argument("verdicts_a", help="a verdicts file written by 'mechcliff judge'")
+    a.add_argument("verdicts_b", help="another one, on the same input")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     c = sub.add_parser("check", help="load a model and print its conformance report",
                        description="Load MODEL, run the conformance check (hook shapes and firing, head sums, "
@@ -94,12 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--refusal", default=None, help="refusal answer to train on (default: the model's most common refusal in the pool)")
     rp.add_argument("--method", default="lora", help="lora (default) or full")
     rp.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 organism, 1e-4 other models)")
-    rp.add_argument("--epochs", type=float, default=3.0)
-    rp.add_argument("--min-steps", type=int, default=30)
+    rp.add_argument("--epochs", type=float, default=3.0, help="passes over the training mix (default 3)")
+    rp.add_argument("--min-steps", type=int, default=30, help="at least this many optimizer steps (default 30)")
     rp.add_argument("--checkpoint-every", type=int, default=0, help="save the adapter every N steps too")
-    rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--out", required=True)
-    rp.add_argument("--no-progress", action="store_true")
+    rp.add_argument("--seed", type=int, default=0, help="seed for the training mix order and initialisation")
+    rp.add_argument("--out", required=True, help="folder to write the adapter, checkpoints and training record to")
+    rp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     rc = sub.add_parser(
         "repair-curve", help="the Cliff-as-a-Judge experiment: ASR after repair vs %% of safety data, per method",
         description="Select → fine-tune → evaluate at several budgets for each selection method; writes "
@@ -135,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         "writes DIR/adapter, DIR/checkpoints, DIR/recipe.json (config, data hash), DIR/data.jsonl, then "
         "DIR/heldout_eval.json (held-out prompts and templates). An existing DIR/adapter is evaluated, not retrained.")
     ot.add_argument("--out", required=True, help="run folder to write")
-    ot.add_argument("--seed", type=int, default=0)
+    ot.add_argument("--seed", type=int, default=0, help="seed of the data recipe and the training (default 0)")
     ot.add_argument("--n-harmless", type=int, default=None, help="harmless training prompts (default: the recipe's)")
     ot.add_argument("--epochs", type=float, default=None, help="training epochs (default: the recipe's)")
     ot.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
@@ -168,19 +174,64 @@ def fmt(value: object, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
 
 
+def _probe_layer(text: str) -> int | str:
+    return text if text == "best" else int(text)
+
+
+def _version_line() -> str:
+    from mechcliff.versions import installed_versions
+
+    v = installed_versions()
+    return (f"mechcliff {v['mechcliff']} (transformer-lens {v['transformer-lens']}, transformers {v['transformers']}, "
+            f"torch {v['torch']}, python {v['python']})")
+
+
+# `mechcliff run` flags for the common RunConfig options: flag -> (field, type, help).
+RUN_FLAGS = {
+    "--max-think-tokens": ("max_think_tokens", int, "thinking budget per rollout, in tokens (0: an empty, closed thinking)"),
+    "--max-answer-tokens": ("max_answer_tokens", int, "answer budget per rollout, in tokens"),
+    "--temperature": ("temperature", float, "sampling temperature (0: greedy, the default)"),
+    "--batch-size": ("batch_size", int, "rows per forward pass and per generation batch"),
+    "--probe-layer": ("probe_layer", _probe_layer, "the probe's layer, or 'best' (held-out accuracy of a layer sweep)"),
+    "--label-source": ("label_source", str, "probe labels: behaviour (refused vs complied), dataset (harmful vs "
+                       "harmless) or auto"),
+    "--top-k": ("ablation_top_k", int, "heads ablated: the K most negative by attribution (default: 3%% of heads)"),
+    "--mode": ("ablation_mode", str, "intervention on those heads: scale_z (default), zero, scale_q, norm_preserving"),
+    "--gamma": ("ablation_gamma", float, "the factor of scale_z / scale_q / norm_preserving (0 ablates; > 1 amplifies)"),
+    "--n-random-sets": ("n_random_sets", int, "random head sets of the same size, as the control"),
+}
+
+
 def _run(args: argparse.Namespace) -> int:
+    import json
+
     from mechcliff.pipeline import RunConfig, default_config, run_pipeline
 
     overrides = {"model": args.model, "adapter": args.adapter, "seed": args.seed, "n_per_group": args.n_per_group,
-                 "quick": True if args.quick else None}
-    if args.config:
-        cfg = RunConfig.from_file(args.config, **overrides)
-    else:
-        cfg = default_config(args.model or "organism", quick=args.quick)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        cfg.validate()
+                 "quick": True if args.quick else None,
+                 **{field: getattr(args, field) for field, _, _ in RUN_FLAGS.values()}}
+    flags = {"seed": "--seed", "n_per_group": "--n-per-group", "model": "--model", "adapter": "--adapter",
+             **{field: flag for flag, (field, _, _) in RUN_FLAGS.items()}}
+    try:
+        if args.config:
+            cfg = RunConfig.from_file(args.config, **overrides)
+        else:
+            cfg = default_config(args.model or "organism", quick=args.quick)
+            for k, v in overrides.items():
+                if v is not None:
+                    setattr(cfg, k, v)
+            cfg.validate("command line")
+    except MechcliffError as exc:  # name the flag the user typed, not the config field behind it
+        msg = str(exc)
+        for field, flag in flags.items():
+            if overrides.get(field) is not None:
+                msg = msg.replace(f"option '{field}'", flag)
+        raise MechcliffError(msg) from None
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    if not args.out:
+        raise MechcliffError("mechcliff run needs --out DIR (the run folder), or --print-config")
     results = run_pipeline(cfg.model, args.out, config=cfg, progress=not args.no_progress, overwrite=args.overwrite)
     out = Path(args.out)
     ab = results["ablation"]

@@ -21,14 +21,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thinking", choices=("on", "off"), default="on",
                    help="generate with thinking on (read prompt + thinking) or off (enable_thinking=False where the chat "
                    "template knows it; the text read is the prompt)")
-    p.add_argument("--safe", default=None, help="safe prompt file (JSON / JSONL / CSV / TXT; default: built-in harmless)")
-    p.add_argument("--unsafe", default=None, help="unsafe prompt file (default: built-in harmful); give both or neither")
+    p.add_argument("--harmless", "--safe", dest="safe", default=None,
+                   help="harmless (safe) prompt file (JSON / JSONL / CSV / TXT; default: built-in harmless)")
+    p.add_argument("--harmful", "--unsafe", dest="unsafe", default=None,
+                   help="harmful (unsafe) prompt file (default: built-in harmful); give both or neither")
     p.add_argument("--n-per-group", type=int, default=None, help="use at most N prompts per group")
     p.add_argument("--position", default="think_end",
                    help="token whose hidden state / up to which attention is read: think_end (default: last token "
                    "before the answer), last, prompt_end, think_close")
-    p.add_argument("--max-think-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-think-tokens", type=int, default=64, help="thinking budget per rollout, in tokens (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generation (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

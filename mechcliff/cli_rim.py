@@ -29,15 +29,16 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, harmless: bool = 
         p.add_argument("--model", default="organism",
                        help="'organism' (default), 'smollm2-135m-instruct', a local HF folder, a .gguf file or a hub id")
     p.add_argument("--out", required=True, help="folder to write the results to (created if missing)")
-    p.add_argument("--n", type=int, default=None, help="use at most N prompts per group")
+    p.add_argument("--n-per-group", "--n", dest="n", type=int, default=None,
+                   help="use at most N prompts per group (--n is the older spelling)")
     p.add_argument("--harmful", default=None, help="harmful prompt file (JSON / JSONL / CSV / TXT; default: the "
                    "built-in set)")
     if harmless:
         p.add_argument("--harmless", default=None, help="harmless prompt file (default: the built-in set)")
-    p.add_argument("--max-think-tokens", type=int, default=48)
-    p.add_argument("--max-answer-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-think-tokens", type=int, default=48, help="thinking budget per rollout, in tokens (default 48)")
+    p.add_argument("--max-answer-tokens", type=int, default=32, help="answer budget per rollout, in tokens (default 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass and generation batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generation and random controls (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -55,7 +56,8 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--no-think-format", default="template", choices=("template", "empty_block", "omit"),
                    help="thinking off: the chat template's enable_thinking=False (default; needs a template with a "
                    "thinking switch), an empty think block written by mechcliff, or no block")
-    c.add_argument("--label-source", default="auto", choices=("auto", "behaviour", "dataset"))
+    c.add_argument("--label-source", default="auto", choices=("auto", "behaviour", "dataset"),
+                   help="labels of the probe fitted when --probe is not given (default auto)")
 
     r = sub.add_parser(
         "refusal-heads", help="refusal heads whose first-answer-token attention argmax moves between modes",
@@ -66,7 +68,8 @@ def add_parsers(sub: Any) -> None:
     _common(r)
     r.add_argument("--probe", default=None, help="a saved probe folder of this model (default: fit one on "
                    "thinking-off rollouts at the between-think-tags token)")
-    r.add_argument("--no-think-format", default="template", choices=("template", "empty_block"))
+    r.add_argument("--no-think-format", default="template", choices=("template", "empty_block"),
+                   help="how thinking is switched off: the chat template's switch, or an empty think block")
     r.add_argument("--query", default="first_answer", choices=("first_answer", "think_end"),
                    help="the attention row read: the first answer token (default) or the last template token")
     r.add_argument("--min-frequency", type=float, default=0.4, help="detected heads: shift frequency >= this")
@@ -86,7 +89,7 @@ def add_parsers(sub: Any) -> None:
     n.add_argument("--quorum", type=float, default=1.0, help="keep neurons in the top m of at least this share of "
                    "the pairs (1 = the paper's intersection)")
     n.add_argument("--span", default="all", choices=("all", "continuation"), help="tokens max-pooled over")
-    n.add_argument("--n-random", type=int, default=3)
+    n.add_argument("--n-random", type=int, default=3, help="random neuron sets of the same size, as the control")
     n.add_argument("--match-layers", action="store_true", help="random neurons matched per layer")
 
     s = sub.add_parser(
@@ -102,11 +105,11 @@ def add_parsers(sub: Any) -> None:
     _common(s, model=False, harmless=False)
     s.add_argument("--neurons", default=None, help="a saved critical_neurons folder (default: identify them on "
                    "the base model with --m / --quorum)")
-    s.add_argument("--m", type=int, default=None)
-    s.add_argument("--quorum", type=float, default=1.0)
+    s.add_argument("--m", type=int, default=None, help="top neurons per pair when identifying them (as for 'neurons')")
+    s.add_argument("--quorum", type=float, default=1.0, help="share of pairs a neuron must be top-m in (as for 'neurons')")
     s.add_argument("--reasoning", default=None, help="reasoning prompt file (default: a built-in set of "
                    f"arithmetic word problems)")
-    s.add_argument("--n-random", type=int, default=3)
+    s.add_argument("--n-random", type=int, default=3, help="random neuron sets of the same size, as the control")
     s.add_argument("--invalid", default="skip", choices=("skip", "abs"),
                    help="RAS terms whose activations differ in sign: skip (default) or use magnitudes")
 
