@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mechcliff.cli_cot import COMMANDS as COT_COMMANDS  # safety-layers, spectral
 from mechcliff.cli_rim import COMMANDS as RIM_COMMANDS  # compare-modes, refusal-heads, neurons, ras
+from mechcliff.cli_tools import COMMANDS as TOOL_COMMANDS  # patch, sweep, ships
 from mechcliff.errors import MechcliffError
 
 
@@ -156,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     from mechcliff.cli_cot import add_parsers as add_cot_parsers  # safety-layers, spectral
 
     add_cot_parsers(sub)
+    from mechcliff.cli_tools import add_parsers as add_tool_parsers  # patch, sweep, ships (on a run folder)
+
+    add_tool_parsers(sub)
     for name, command in sub.choices.items():
         if name not in NO_MODEL_COMMANDS:
             command.add_argument("--no-check", action="store_true",
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "check": _check, "judge": _judge, "agree": _agree, "plot": _plot,
                 "select": _select, "repair": _repair, "repair-curve": _repair_curve,
-                "organism-train": _organism_train, **RIM_COMMANDS, **COT_COMMANDS}[args.command](args)
+                "organism-train": _organism_train, **RIM_COMMANDS, **COT_COMMANDS, **TOOL_COMMANDS}[args.command](args)
     except MechcliffError as exc:
         if os.environ.get("MECHCLIFF_DEBUG"):
             raise
