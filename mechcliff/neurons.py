@@ -1,4 +1,4 @@
-"""Safety-critical MLP neurons and activation entanglement (arXiv 2509.00544 "When Thinking Backfires", §2.3).
+"""Safety-critical MLP neurons and activation entanglement (arXiv 2509.00544 "When Thinking Backfires").
 
 **Neurons.** ``blocks.{l}.mlp.hook_post`` on the TransformerBridge is an alias of ``blocks.{l}.mlp.out.hook_in``:
 the input of the MLP's output projection, i.e. ``act(gate(x)) * up(x)`` for gated MLPs (Llama, Qwen, SmolLM2) and
@@ -451,7 +451,7 @@ class NeuronAblation(Result):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from mechcliff.plotting import OKABE_ITO, TEMPLATE
+        from mechcliff.plotting import OKABE_ITO, TEMPLATE, fit_category_ticks
 
         names = [c["name"] for c in self.conditions]
         colors = [OKABE_ITO[0] if n == "none" else OKABE_ITO[1] if n == "critical" else "#999999" for n in names]
@@ -468,9 +468,10 @@ class NeuronAblation(Result):
                           f"{self.model_id or 'model'}")
         fig.update_yaxes(title_text="misalignment rate", range=[0, 1.02], row=1, col=1)
         fig.update_yaxes(title_text="harmless loss (nats/token)", row=1, col=2)
-        for c in (1, 2):
-            fig.update_xaxes(title_text="neurons ablated", row=1, col=c)
-        return fig
+        for c in (1, 2):  # one tick per condition; fit_category_ticks slants the names when they would touch
+            fig.update_xaxes(title_text="neurons ablated", type="category", row=1, col=c)
+        fig.update_layout(bargap=0.25)
+        return fit_category_ticks(fig)
 
     TABLE_HEADER: ClassVar[tuple[str, ...]] = ("condition", "neurons", "misalignment", "95% low", "95% high",
                                                 "harmless refusal", "loss", "KL")
@@ -688,7 +689,7 @@ class RASSeries(Result):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from mechcliff.plotting import OKABE_ITO, TEMPLATE
+        from mechcliff.plotting import OKABE_ITO, TEMPLATE, fit_category_ticks
 
         def r_text(key: str) -> str:
             c = self.correlations.get(key, {})
@@ -709,11 +710,16 @@ class RASSeries(Result):
                           legend=dict(orientation="h", x=0.0, xanchor="left", y=1.02, yanchor="bottom"),
                           title=f"RAS: {self.base_model or 'base'}, {len(self.checkpoints)} checkpoint(s), "
                                 f"{len(self.neurons)} neurons")
+        finite = [v for v in dm if np.isfinite(v)]
+        if finite:  # fit the data (plotly's autorange puts a lone value in the middle of ±1)
+            lo, hi = min(finite), max(finite)
+            pad = max(0.08 * (hi - lo), 0.05)
+            fig.update_xaxes(range=[lo - pad, hi + pad], row=1, col=1)
         fig.update_xaxes(title_text="Δ misalignment (vs base)", row=1, col=1)
         fig.update_yaxes(title_text="RAS", row=1, col=1)
-        fig.update_xaxes(title_text="checkpoint", row=1, col=2)
+        fig.update_xaxes(title_text="checkpoint", type="category", row=1, col=2)
         fig.update_yaxes(title_text="RAS", row=1, col=2)
-        return fig
+        return fit_category_ticks(fig)
 
     TABLE_HEADER: ClassVar[tuple[str, ...]] = ("checkpoint", "RAS critical", "δ⁻ safe", "δ⁺ math", "RAS random",
                                                 "misalignment", "Δ misalignment", "KL")

@@ -43,6 +43,7 @@ __all__ = [
     "cliff_curves",
     "cliff_histogram",
     "figure_to_html",
+    "fit_category_ticks",
     "get_style",
     "layer_head_heatmap",
     "probe_by_layer",
@@ -72,6 +73,10 @@ SEQUENTIAL_SCALE = "Viridis"
 TEMPLATE_NAME = "mechcliff"
 
 _GRID = "#e5e5e5"
+#: Top margin (px, notebook look) that holds the title and one legend row above the plot, apart.
+_TOP_WITH_LEGEND = 100
+#: Top of the probe-by-layer score axis: headroom above 1 (the last tick) for the chosen-layer note.
+_PROBE_Y_TOP = 1.14
 _OUTLINE = "#000000"
 _REFERENCE_LINE = "#555555"
 
@@ -404,9 +409,11 @@ def cliff_curves(
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=_text(title)),
-        height=460,
+        height=480,
         hovermode="closest",
-        legend=dict(x=0.01, xanchor="left", y=0.01, yanchor="bottom"),
+        # one row above the plot: the curves span the whole x range, so any legend inside covers a band
+        legend=dict(orientation="h", x=0.0, xanchor="left", y=1.02, yanchor="bottom"),
+        margin=dict(t=_TOP_WITH_LEGEND),
     )
     fig.update_xaxes(title_text=_text(x_title))
     fig.update_yaxes(title_text=_text(y_title), range=[0.0, 1.0])
@@ -447,31 +454,39 @@ def probe_by_layer(
                 hovertemplate="layer %{x}<br>" + name + " %{y:.3f}<extra></extra>",
             )
         )
+    step = float(np.min(np.diff(np.unique(x)))) if np.unique(x).size > 1 else 1.0
+    x_range = [float(x.min()) - step / 2, float(x.max()) + step / 2]
+    # text goes on the side of the plot away from the chosen-layer line, so no line runs through it
+    chosen_right = chosen_layer is not None and int(chosen_layer) > (x_range[0] + x_range[1]) / 2
     fig.add_hline(
         y=0.5,
         line=dict(dash="dot", color="#999999", width=1),
         annotation=dict(text="chance", font=dict(color="#999999", size=11)),
-        annotation_position="bottom right",
+        annotation_position="bottom left" if chosen_right else "bottom right",
     )
     if chosen_layer is not None:
         if int(chosen_layer) not in {int(v) for v in x}:
             raise MechcliffError(f"chosen_layer={chosen_layer} is not one of the plotted layers")
+        # the note sits in the headroom above score 1 (the axis runs to _PROBE_Y_TOP, its last tick and gridline
+        # are at 1), beside its line: no data, gridline or reference line runs through it
         fig.add_vline(
             x=int(chosen_layer),
             line=dict(dash="dash", color=_REFERENCE_LINE, width=1.5),
             annotation=dict(text=f"chosen layer {int(chosen_layer)}", font=dict(color=_REFERENCE_LINE)),
-            annotation_position="top left",
+            annotation_position="top left" if chosen_right else "top right",
             name="chosen layer",
         )
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=_text(title)),
-        height=420,
+        height=440,
         hovermode="x unified",
-        legend=dict(x=0.99, xanchor="right", y=0.02, yanchor="bottom"),
+        legend=dict(orientation="h", x=0.0, xanchor="left", y=1.02, yanchor="bottom"),
+        margin=dict(t=_TOP_WITH_LEGEND),
     )
-    fig.update_xaxes(title_text="layer", dtick=1 if x.size <= 40 else None)
-    fig.update_yaxes(title_text="score", range=[0.4, 1.02])
+    fig.update_xaxes(title_text="layer", dtick=1 if x.size <= 40 else None, range=x_range)
+    fig.update_yaxes(title_text="score", range=[0.4, _PROBE_Y_TOP], tickmode="array",
+                     tickvals=[round(0.4 + 0.1 * k, 1) for k in range(7)])
     return fig
 
 
@@ -556,7 +571,13 @@ def cliff_histogram(
     x_title: str = "misalignment score (MS)",
     n_bins: int = 30,
 ) -> go.Figure:
-    """Overlaid histograms (fraction of examples) of the misalignment score per group, on shared bins."""
+    """Histograms (fraction of examples) of the misalignment score per group, on shared bins, bars side by side.
+
+    Bins are about ``n_bins`` across the data, of a round width, with edges on multiples of it (so MS = 0 is an
+    edge). The x axis always shows MS = 0 (no drop at the end of thinking), with a tick there, and reaches half a
+    bin beyond the outermost bars, so none is clipped. Bars of different groups never overlap (``barmode="group"``,
+    opaque): every colour on the plot is one the legend names.
+    """
     if not ms_by_group:
         raise MechcliffError("cliff_histogram needs at least one group")
     if n_bins < 1:
@@ -571,8 +592,13 @@ def cliff_histogram(
     lo, hi = float(pooled.min()), float(pooled.max())
     if math.isclose(lo, hi):
         lo, hi = lo - 0.5, hi + 0.5
-    size = (hi - lo) / n_bins
-    xbins = dict(start=lo, end=hi + size * 1e-6, size=size)
+    size = _nice_step((hi - lo) / n_bins, below=True)
+    k0 = math.floor(lo / size + 1e-9)
+    k1 = math.floor(hi / size + 1e-9) + 1  # the bin [k1 - 1, k1) * size holds the maximum
+    start, end = k0 * size, k1 * size
+    xbins = dict(start=start, end=end, size=size)
+    x_range = [min(start, 0.0) - size / 2, max(end, 0.0) + size / 2]
+    dtick = _tick_step(x_range, max_ticks=8)
 
     fig = go.Figure()
     for i, (group, arr) in enumerate(data.items()):
@@ -583,15 +609,36 @@ def cliff_histogram(
                 xbins=xbins,
                 autobinx=False,
                 histnorm="probability",
-                marker=dict(color=_color(i), line=dict(color=_color(i), width=1)),
-                opacity=0.55,
+                marker=dict(color=_color(i), line=dict(width=0)),
                 hovertemplate="MS %{x}<br>fraction %{y:.3f}<extra>%{fullData.name}</extra>",
             )
         )
-    fig.update_layout(template=TEMPLATE, title=dict(text=_text(title)), barmode="overlay", height=420)
-    fig.update_xaxes(title_text=_text(x_title))
+    fig.update_layout(template=TEMPLATE, title=dict(text=_text(title)), barmode="group", bargap=0.1,
+                      bargroupgap=0.0, height=420)
+    fig.update_xaxes(title_text=_text(x_title), range=x_range, tickmode="linear", tick0=0.0, dtick=dtick)
     fig.update_yaxes(title_text="fraction of examples")
     return fig
+
+
+def _nice_step(raw: float, *, below: bool = False) -> float:
+    """A round step (1, 2, 2.5 or 5 times a power of ten): the smallest at least ``raw`` (``below``: the largest
+    at most ``raw``)."""
+    if not raw > 0 or not math.isfinite(raw):
+        return 1.0
+    exp = math.floor(math.log10(raw))
+    steps = [m * 10.0 ** e for e in (exp - 1, exp, exp + 1) for m in (1.0, 2.0, 2.5, 5.0)]
+    if below:
+        return max(v for v in steps if v <= raw * (1 + 1e-9))
+    return min(v for v in steps if v >= raw * (1 - 1e-9))
+
+
+def _tick_step(axis_range: Sequence[float], max_ticks: int) -> float:
+    """The smallest round tick step that puts at most ``max_ticks`` ticks (multiples of it) in ``axis_range``."""
+    lo, hi = sorted(float(v) for v in axis_range)
+    step = _nice_step((hi - lo) / max_ticks)
+    while math.floor(hi / step + 1e-9) - math.ceil(lo / step - 1e-9) + 1 > max_ticks:
+        step = _nice_step(step * 1.01)
+    return step
 
 
 # --------------------------------------------------------------------------- HTML export
@@ -838,19 +885,44 @@ def _legible_ticks(fig: go.Figure, st: Style, plot_w: float, plot_h: float) -> N
                     ax.update(tickmode="array", tickvals=cats[::k], ticktext=cats[::k])
                 elif ax.dtick is not None or n <= 64:
                     ax.update(dtick=k, tick0=0)
-                continue
-            if trace.type not in ("bar", "box", "scatter") or letter != "x":
-                continue
-            cats = _categories(trace.x)
-            if cats is None:
-                continue
-            uniq = list(dict.fromkeys(cats))
-            spacing = length / max(len(uniq), 1)
-            if _label_px(uniq, st.tick_size) + 6 <= spacing:
-                ax.update(tickangle=0)
-            elif spacing >= 1.5 * st.tick_size:
-                ax.update(tickangle=-45)
-            else:
-                k = _legible_dtick(len(uniq), length, 1.2 * st.tick_size)
-                ax.update(tickangle=-90, tickmode="array", tickvals=uniq[::k], ticktext=uniq[::k])
-            break
+        if letter == "x":
+            _category_ticks(fig, st, length)
+
+
+def _category_ticks(fig: go.Figure, st: Style, plot_w: float) -> None:
+    """Per category x axis (each subplot's own, over its own width): labels side by side if they fit with a gap,
+    else slanted 45° if the slanted rows stay apart, else vertical, thinned until they no longer touch."""
+    labels_by_axis: dict[str, list[str]] = {}
+    for trace in fig.data:
+        if trace.type not in ("bar", "box", "scatter"):
+            continue
+        cats = _categories(trace.x)
+        if cats is None:
+            continue
+        axis_name = (getattr(trace, "xaxis", None) or "x").replace("x", "xaxis", 1)
+        labels_by_axis.setdefault(axis_name, [])
+        labels_by_axis[axis_name] += [c for c in dict.fromkeys(cats) if c not in labels_by_axis[axis_name]]
+    for axis_name, uniq in labels_by_axis.items():
+        ax = fig.layout[axis_name]
+        domain = ax.domain if ax.domain is not None else (0.0, 1.0)
+        size = float(ax.tickfont.size or fig.layout.font.size or st.font_size)  # plotly: ticks in the layout font
+        spacing = plot_w * (float(domain[1]) - float(domain[0])) / max(len(uniq), 1)
+        if _label_px(uniq, size) + 6 <= spacing:
+            ax.update(tickangle=0)
+        elif spacing >= 1.2 * size / math.sin(math.radians(45)):  # slanted rows 1.2 em apart
+            ax.update(tickangle=-45)
+        else:
+            k = _legible_dtick(len(uniq), spacing * len(uniq), 1.2 * size)
+            ax.update(tickangle=-90, tickmode="array", tickvals=uniq[::k], ticktext=uniq[::k])
+
+
+def fit_category_ticks(fig: go.Figure, style: "str | Style" = "notebook", *, width: int | None = None) -> go.Figure:
+    """Set the tick angle of ``fig``'s category x axes (in place; returns ``fig``) so that labels do not run
+    together at ``width`` px (default: the figure's width, or plotly's 700 px when unset), as :func:`apply_style`
+    does when it exports. For ``plot()`` methods whose bar labels are long (e.g. condition names)."""
+    st = get_style(style)
+    w = width or fig.layout.width or 700
+    ml = fig.layout.margin.l if fig.layout.margin.l is not None else st.margin[0]
+    mr = fig.layout.margin.r if fig.layout.margin.r is not None else st.margin[1]
+    _category_ticks(fig, st, max(1.0, w - ml - mr))
+    return fig

@@ -1,4 +1,4 @@
-"""Spectral head metrics B1 / B2 / B3 ("CoT is Not the Chain of Truth", arXiv 2602.04856, §3.3; code ``Head.py``).
+"""Spectral head metrics B1 / B2 / B3 ("CoT is Not the Chain of Truth", arXiv 2602.04856; its code ``Head.py``).
 
 **Which Jacobian.** The paper's "Jacobian" is the *softmax Jacobian of one attention row*: for a row ``p`` of a
 head's attention pattern (a probability vector over keys), ``J(p) = diag(p) − p pᵀ``, the derivative of
@@ -564,6 +564,32 @@ class SpectralHeadMetrics(Result):
         return fig
 
 
+def spectral_figures(result: SpectralHeadMetrics) -> dict[str, Any]:
+    """The Safe − Unsafe gap heatmap of each metric, B1, B2 and B3 (``metric -> figure``), key heads outlined."""
+    return {m: result.plot(metric="gap", of=m) for m in METRICS}
+
+
+def write_spectral(result: SpectralHeadMetrics, out: str, name: str = "spectral") -> tuple[Any, Any]:
+    """Save ``result`` to ``out/name`` and write ``out/name.html``: a self-contained page (offline, plotly.js inlined
+    once) with the summary, the key heads of each metric and the gap heatmaps of B1, B2 and B3."""
+    from pathlib import Path
+
+    from mechcliff.report import write_report
+
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MechcliffError(f"--out {out} exists and is not a folder")
+    path = result.save(out_dir / name)
+    html = out_dir / f"{name}.html"
+    rows = list(result.summary_rows())
+    rows[-1:-1] = [(f"key heads by {m.upper()}", ", ".join(result.key_head_labels(m)) or "none") for m in METRICS]
+    sections = [(METRIC_NAMES[m], fig) for m, fig in spectral_figures(result).items()]
+    write_report(html, title=f"Spectral head metrics: {result.model_id or 'model'}", summary_rows=rows,
+                 sections=sections, notes=[f"Key heads: |g′| ≥ {result.key_ratio:g}·max|g′| within each layer, g′ the "
+                                           f"adaptively power-scaled Safe − Unsafe gap (q = {result.q:g})."])
+    return path, html
+
+
 def _ranges(layers: Sequence[int]) -> str:
     ls = [int(l) for l in layers]
     if ls and ls == list(range(ls[0], ls[-1] + 1)) and len(ls) > 2:
@@ -979,7 +1005,7 @@ def parse_size(spec: Any) -> int | None:
 
 def run_command(args: Any) -> int:
     """``mechcliff spectral``: rollouts for safe vs unsafe prompts, B1–B3 for every head of the chosen layers, key
-    heads, saved result + HTML figure."""
+    heads, saved result + HTML page (the gap heatmaps of B1, B2 and B3)."""
     from mechcliff.model.loading import load_model
     from mechcliff.safety_layers import load_groups, prepare_groups, safety_layers, write_result
 
@@ -1009,7 +1035,7 @@ def run_command(args: Any) -> int:
         print(f"safety layers (best {sl.window}-layer window by GAP): {layers[0]}-{layers[-1]}; saved to {path}")
     res = spectral_head_metrics(handle, safe, unsafe, layers=layers, position=args.position, size=size,
                                 lambda_method=args.lambda_method, seed=args.seed, meta=meta)
-    path, html = write_result(res, args.out, "spectral")
+    path, html = write_spectral(res, args.out, "spectral")  # B1, B2 and B3, one heatmap each
     print(f"{handle.model_id}, thinking {args.thinking}: {int(res.is_safe.sum())} safe vs "
           f"{int((1 - res.is_safe).sum())} unsafe texts, layers {_ranges(res.layers)}")
     for m in METRICS:

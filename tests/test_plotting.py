@@ -145,7 +145,8 @@ def test_probe_by_layer_structure() -> None:
     assert {t.name for t in fig.data} == {"held-out accuracy", "AUROC"}
     assert 8 in _shape_xs(fig)
     assert any("chosen" in a.text for a in fig.layout.annotations)
-    assert tuple(fig.layout.yaxis.range) == (0.4, 1.02)
+    assert tuple(fig.layout.yaxis.range) == (0.4, 1.14)  # headroom above 1 for the chosen-layer note
+    assert max(fig.layout.yaxis.tickvals) == 1.0
     assert 8 not in _shape_xs(probe_by_layer([0, 8], [0.5, 0.6], [0.5, 0.6]))
     with pytest.raises(MechcliffError):
         probe_by_layer([0, 8], [0.5, 0.6], [0.5, 0.6], chosen_layer=3)
@@ -180,7 +181,7 @@ def test_cliff_histogram() -> None:
     fig = cliff_histogram({"refused": np.array([0.1, 0.2, np.nan]), "complied": np.array([0.5, 0.9])})
     assert len(fig.data) == 2
     assert all(isinstance(t, go.Histogram) for t in fig.data)
-    assert fig.layout.barmode == "overlay"
+    assert fig.layout.barmode == "group"  # side by side: no blended colour (issue 16, see test_figure_layout.py)
     assert fig.data[0].name == "refused (n=2)"
     assert fig.data[0].xbins.size == fig.data[1].xbins.size  # shared bins
     with pytest.raises(MechcliffError):
