@@ -634,3 +634,16 @@ def test_an_interrupted_group_resumes_from_its_finished_batches(tmp_path, monkey
     assert main(["run", "--config", str(cfg), "--out", str(fresh), "--no-progress"]) == 0
     for g in ("harmless", "harmful", "harmful_jailbreak"):  # resumed = uninterrupted, byte for byte
         assert (out / "rollouts" / f"{g}.jsonl").read_bytes() == (fresh / "rollouts" / f"{g}.jsonl").read_bytes()
+
+
+def test_readme_demo_numbers_are_those_of_the_demo(run_dir):
+    """Issue 16 item 22: the README's demo paragraph is what scripts/readme_numbers.py writes for this run (the
+    demo's configuration); regenerate it with `python scripts/readme_numbers.py runs/demo --write`."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("readme_numbers", root / "scripts" / "readme_numbers.py")
+    numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numbers)
+    results = json.loads((run_dir["dir"] / "results.json").read_text())
+    assert numbers.readme_block((root / "README.md").read_text()) == numbers.block(results)
