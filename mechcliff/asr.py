@@ -145,7 +145,24 @@ def ablation_experiment(
 ) -> AblationResult:
     """Generate under the intervention and under random same-size controls; judge the answers. ``gamma=None`` is
     the mode's default (see :func:`~mechcliff.interventions.check_gamma`: a gamma the mode would ignore is an
-    error, raised before anything is generated)."""
+    error, raised before anything is generated).
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`).
+        heads: the heads to ablate (``"L2H3"`` or ``(layer, head)``).
+        attack_prompts: prompts (Prompt objects or strings) whose ASR (answers not refused) is measured.
+        harmless_prompts: prompts whose refusal rate is measured (over-refusal).
+        judge: the refusal judge (:func:`mechcliff.judges.get_judge`).
+        mode: the intervention mode (see :func:`mechcliff.interventions.intervene`).
+        gamma: γ of the mode; None for its default.
+        n_random: random head sets of the same size (none of ``heads``), ablated the same way as a control.
+        seed: seed of the random head sets.
+        before: ``(attack rollouts, harmless rollouts)`` of the unmodified model, if already generated.
+        probe: a refusal probe: also report the probe's ASR (share of attack rollouts whose probe score at the
+            probe's position is below 0.5, :func:`probe_judge`) before and after.
+        generation: keyword arguments for :func:`mechcliff.generation.generate_rollouts` (budgets, ...).
+        progress: show progress bars.
+    """
     from mechcliff.generation import generate_rollouts
 
     from mechcliff.errors import MechcliffError

@@ -1,4 +1,4 @@
-"""Direct probe attribution (DPA): which components write the probe's logit (arXiv 2510.06036, §1.5).
+"""Direct probe attribution (DPA): which components write the probe's logit (arXiv 2510.06036).
 
 For a probe on ``resid_post[L]`` the logit at position ``t`` decomposes exactly (pre-norm architectures):
 
@@ -104,6 +104,14 @@ def direct_probe_attribution(
     ``position`` is an anchor (``"think_end"``...), an int, or a per-example index tensor in padded coordinates
     (e.g. ``t_cliff`` from :func:`mechcliff.trace.trace_refusal` via :func:`trace_positions`). Examples without a
     position (``-1``) are dropped.
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`); must be the probe's model.
+        batch: the encoded examples (:func:`mechcliff.generation.encode_rollouts`).
+        probe: the refusal probe whose logit is attributed (:func:`mechcliff.probe.fit_probe`).
+        position: the token attributed in each example (above).
+        batch_size: examples per forward pass.
+        groups: a group name per example of ``batch``, kept with the result (of the examples not dropped).
     """
     from mechcliff.errors import MechcliffError
 

@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: Any) -> None:
     sl = sub.add_parser(
-        "safety-layers", help="per-layer cosine GAP between safe and unsafe texts, best window of layers (CoT paper §3.2)",
+        "safety-layers", help="per-layer cosine GAP between safe and unsafe texts, best window of layers (arXiv 2602.04856)",
         description="Per layer: mean cosine similarity of the last-token hidden states within safe, within unsafe and "
         "across the groups (all pairs, self-pairs excluded); GAP = safe-safe - safe-unsafe; the window of --window "
         "consecutive layers with the largest mean GAP. Writes DIR/safety_layers/ and DIR/safety_layers.html.")
@@ -44,7 +44,7 @@ def add_parsers(sub: Any) -> None:
     sl.add_argument("--window", type=int, default=3, help="consecutive layers in the window (default 3)")
     sl.add_argument("--drop-last", action="store_true", help="leave out the last layer (the authors do for Qwen)")
     sp = sub.add_parser(
-        "spectral", help="per-head softmax-Jacobian metrics B1/B2/B3, safe-unsafe gaps and key heads (CoT paper §3.3)",
+        "spectral", help="per-head softmax-Jacobian metrics B1/B2/B3, safe-unsafe gaps and key heads (arXiv 2602.04856)",
         description="For every head of the chosen layers and every text: the attention pattern resampled to 96x96, "
         "24 rows, J = diag(p) - p p^T; B1 = top eigenvalue, B2 = its eigenvector (centroid), B3 = entropy effective "
         "rank, at the row with the largest B1. Safe - unsafe gaps, key heads by |g'| >= 0.7 max|g'|. Writes "

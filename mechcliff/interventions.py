@@ -9,7 +9,7 @@ Modes (each names the paper it matches):
 * ``mean``: replace the head's ``z`` by its mean over a reference set (``mean_z`` from :func:`mean_head_outputs`);
   takes no ``gamma`` at all.
 * ``scale_q``: multiply the head's query by ``gamma`` (default 1e-5): "undifferentiated attention" of Ships
-  (arXiv 2410.13708, §4.1): attention becomes uniform over the visible keys.
+  (arXiv 2410.13708): attention becomes uniform over the visible keys.
 * ``norm_preserving``: the RefusalCliff code's γ-scaling (arXiv 2510.06036): scale the heads' ``z`` by ``gamma``,
   then rescale the layer's attention output ``Z`` (all heads) back to its norm before scaling. The authors' code
   takes one norm over batch × positions × heads; we take it per example and position (over heads), so that results
@@ -120,8 +120,29 @@ def intervene(
 ) -> Iterator[HeadIntervention]:
     """Apply ``mode`` to ``heads`` for the duration of the ``with`` block (forward passes and generation).
 
-    ``gamma=None`` is the mode's default (0, or 1e-5 for ``scale_q``); ``zero`` takes no gamma but 0 and ``mean``
-    none at all (:func:`check_gamma`)."""
+    What ``gamma`` (γ) means in each mode (``gamma=None`` is the mode's default, :data:`DEFAULT_GAMMA`):
+
+    * ``scale_z``: the factor on the head's output ``z``: 0 (default) ablates, 1 is a no-op, > 1 amplifies.
+    * ``zero``: ``scale_z`` with γ = 0; takes no other γ (pass none, or 0).
+    * ``mean``: takes no γ at all; ``z`` is replaced by ``mean_z``.
+    * ``scale_q``: the factor on the head's query (default 1e-5): near 0 the attention is uniform over the visible
+      keys (Ships' "undifferentiated attention", arXiv 2410.13708).
+    * ``norm_preserving``: the factor on the heads' ``z`` (default 0), after which the layer's attention output is
+      rescaled to its norm before scaling (per example and position).
+
+    A γ the mode would ignore is a :class:`MechcliffError` (:func:`check_gamma`).
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`).
+        heads: the heads, as ``"L2H3"`` labels or ``(layer, head)`` pairs.
+        mode: one of :data:`MODES` (above).
+        gamma: γ of the mode (above); None for its default.
+        mean_z: for ``mode="mean"`` only: ``[n_layers, n_heads, d_head]`` mean outputs
+            (:func:`mean_head_outputs`).
+
+    Yields:
+        the :class:`HeadIntervention` applied (heads, mode, γ).
+    """
     parsed = validate(handle, heads, mode, gamma)
     gamma = check_gamma(mode, gamma)
     if mode == "mean" and mean_z is None:

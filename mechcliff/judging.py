@@ -141,7 +141,16 @@ class JudgeSummary:
 def judge_file(input_path: str | Path, out_path: str | Path, judge: Any, *, chunk: int = 16,
                progress: bool = True) -> JudgeSummary:
     """Judge every record of ``input_path`` (JSONL rollouts) into ``out_path``, resuming what is there (see the
-    module docstring: verdicts are kept per record, so an input with lines appended resumes)."""
+    module docstring: verdicts are kept per record, so an input with lines appended resumes).
+
+    Args:
+        input_path: the rollouts (JSONL, as written by :func:`mechcliff.data.save_rollouts`).
+        out_path: the verdict file (JSONL, one line per record), appended to and resumed.
+        judge: the judge (:func:`mechcliff.judges.get_judge`); verdicts of another judge or configuration in
+            ``out_path`` are an error.
+        chunk: records judged, written and synced to disk at a time.
+        progress: show a progress bar.
+    """
     from tqdm.auto import tqdm
 
     rollouts = load_rollouts(input_path)  # clear errors: empty file, missing fields, bad UTF-8, with file:line

@@ -1,4 +1,4 @@
-"""Thinking on vs off (arXiv 2509.00544 "When Thinking Backfires", §2.4 Table 1 of our spec).
+"""Thinking on vs off (arXiv 2509.00544 "When Thinking Backfires", its Table 1).
 
 :func:`compare_modes` generates with thinking enabled and disabled on the same prompts and reports, per mode:
 

@@ -271,8 +271,21 @@ def patch_heads(
     start at the patched layer from the cached ``resid_pre``. Chunks hold at most ``max_rows`` rows (examples ×
     patch indices); by default that is derived from ``memory_budget_mb`` (:func:`rows_for_budget`).
 
-    ``metric`` is a :class:`ProbeMetric`, :class:`LogitDiffMetric` or :class:`RefusalLogOddsMetric` (any object
-    with their interface), or a probe (wrapped in :class:`ProbeMetric`); see :func:`resolve_metric`.
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`).
+        target: the batch that is patched (e.g. jailbreak rollouts that comply).
+        source: the batch the patched values come from, paired example by example with ``target`` (same length).
+        metric: what is read after patching: a :class:`ProbeMetric`, :class:`LogitDiffMetric` or
+            :class:`RefusalLogOddsMetric` (any object with their interface), or a probe (wrapped in
+            :class:`ProbeMetric`); see :func:`resolve_metric`.
+        heads: the heads to patch (``"L2H3"`` or ``(layer, head)``); default every head (before the probe layer,
+            for probe metrics).
+        target_position: where ``z`` is replaced in each target example (an anchor such as ``"think_end"``, an
+            int, or a per-example index tensor); the metric is read there too.
+        source_position: where ``z`` is read in each source example (same forms).
+        max_rows: the most rows (examples × patch indices) in one forward; default from ``memory_budget_mb``.
+        memory_budget_mb: the memory one forward may use, when ``max_rows`` is not given.
+        progress: show a progress bar.
     """
     metric = resolve_metric(metric)
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)

@@ -1,4 +1,4 @@
-"""The refusal probe: logistic regression on the residual stream (arXiv 2510.06036, §1.3 of our spec).
+"""The refusal probe ("prober" of arXiv 2510.06036): logistic regression on the residual stream.
 
 ``r = sigmoid(w · x + b)`` with ``x = blocks.{layer}.hook_resid_post`` at one token per example (default: the last
 token of the closing template, ``think_end``). Fitted with scikit-learn (centred features, L2, balanced class
@@ -143,14 +143,43 @@ class LinearProbe:
 
     def summary_rows(self) -> list[tuple[str, str]]:
         m = self.metrics
+        acc = f"{_num(m.get('val_accuracy')):.3f}"
+        if m.get("n_val") is not None:
+            acc += f" (n={m['n_val']}"
+            if m.get("val_accuracy_interval"):
+                low, high = m["val_accuracy_interval"]
+                acc += f", 95% [{low:.2f}, {high:.2f}]"
+            acc += ")"
         return [("model", self.model_id), ("layer", str(self.layer)), ("position", self.position),
-                ("labels", self.label_source), ("val accuracy", f"{m.get('val_accuracy', float('nan')):.3f}"),
-                ("val AUROC", f"{m.get('val_auroc', float('nan')):.3f}")]
+                ("labels", self.label_source), ("val accuracy", acc),
+                ("val AUROC", f"{_num(m.get('val_auroc')):.3f}")]
+
+    def __repr__(self) -> str:
+        """One line: layer, position, width, held-out accuracy (on how many examples), label source, model."""
+        from mechcliff.results import _clip
+
+        m = self.metrics
+        n_val = f" (n_val={m['n_val']})" if m.get("n_val") is not None else ""
+        return (f"LinearProbe(layer={self.layer}, position={_clip(self.position, 24)}, "
+                f"d_model={int(np.shape(self.w)[0])}, val_accuracy={_num(m.get('val_accuracy')):.3f}{n_val}, "
+                f"val_auroc={_num(m.get('val_auroc')):.3f}, labels={_clip(self.label_source, 24)}, "
+                f"model={_clip(self.model_id or '?', 48)})")
 
     def _repr_html_(self) -> str:
         from mechcliff.report import html_table
 
         return "<b>LinearProbe</b>" + html_table(["field", "value"], [list(r) for r in self.summary_rows()])
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+#: ``fit_probe`` warns when the held-out accuracy rests on fewer examples than this, or on fewer than
+#: :data:`MIN_VAL_PER_CLASS` of either class: with 20 examples the 95% Wilson interval of an accuracy of 0.8 is
+#: still [0.58, 0.92]; with 3 (a fit on 12 examples), an accuracy of 0.667 means anything in [0.21, 0.94].
+MIN_VAL_EXAMPLES = 20
+MIN_VAL_PER_CLASS = 5
 
 
 def _fit_one(x_tr: np.ndarray, y_tr: np.ndarray, C: "float | str", seed: int) -> tuple[np.ndarray, float, float]:
@@ -212,6 +241,29 @@ def fit_probe(
     The examples are split once (stratified, ``val_fraction`` held out, seeded); each layer's probe is fitted on
     the training part (``C="cv"``: regularisation chosen by cross-validation within it) and scored on the
     held-out part; the best layer is the one with the highest held-out accuracy, then AUROC, then depth.
+
+    ``metrics`` records ``n_train``, ``n_val``, ``val_class_counts``, the 95% Wilson interval of the held-out
+    accuracy (``val_accuracy_interval``, :func:`mechcliff.stats.wilson_interval`) and ``small_validation``: True,
+    with a ``UserWarning`` giving the count and the interval, when fewer than :data:`MIN_VAL_EXAMPLES` examples
+    (or fewer than :data:`MIN_VAL_PER_CLASS` of a class) are held out. With ``layer="best"`` the same held-out
+    examples also choose the layer, so its accuracy is, if anything, optimistic.
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`).
+        batch: the encoded examples (:func:`mechcliff.generation.encode_rollouts` or :func:`mechcliff.chat.encode`).
+        labels: one label per example of ``batch``: 1 = refused (or harmful), 0 = complied (or harmless); at
+            least 4 of each class.
+        layer: the residual-stream layer to read, or ``"best"`` to sweep every layer and keep the best.
+        position: the token read in each example: an anchor of :meth:`EncodedBatch.position` (``"think_end"``,
+            ``"last"``, ...), an int, or a per-example index tensor. Examples without it are skipped (counted).
+        val_fraction: the share of examples held out for the accuracy and AUROC (stratified).
+        C: inverse L2 strength of the logistic regression, or ``"cv"`` to choose it from :data:`CS_GRID` by
+            cross-validation on the training part.
+        seed: seed of the split and of the solver.
+        label_source: what the labels are, recorded on the probe: ``"behaviour"`` (judged answers) or
+            ``"dataset"`` (harmful vs harmless prompts).
+        batch_size: examples per forward pass.
+        provenance: extra fields for ``probe.provenance`` (e.g. the rollout file).
     """
     from sklearn.model_selection import train_test_split
 
@@ -248,13 +300,28 @@ def fit_probe(
     best = max(by_layer, key=lambda r: (r["val_accuracy"], np.nan_to_num(r["val_auroc"]), r["layer"]))
     w, b = fitted[best["layer"]]
     from mechcliff.data import content_hash
+    from mechcliff.stats import wilson_interval
+
+    n_val = int(len(va))
+    val_counts = {str(c): int((y_used[va] == c).sum()) for c in classes.tolist()}
+    interval = wilson_interval(int(round(best["val_accuracy"] * n_val)), n_val)
+    small = n_val < MIN_VAL_EXAMPLES or min(val_counts.values()) < MIN_VAL_PER_CLASS
+    if small:
+        warnings.warn(
+            f"the probe's held-out accuracy {best['val_accuracy']:.3f} rests on {n_val} held-out examples "
+            f"({', '.join(f'{k} of class {c}' for c, k in sorted(val_counts.items(), reverse=True))}): 95% Wilson interval "
+            f"[{interval[0]:.2f}, {interval[1]:.2f}]. Fit on more examples (at least {MIN_VAL_EXAMPLES} held out, "
+            f"{MIN_VAL_PER_CLASS} of each class) or hold out more (val_fraction={val_fraction:g})",
+            UserWarning, stacklevel=2)
 
     return LinearProbe(
         w=w, b=b, layer=best["layer"], position=position if isinstance(position, str) else "custom",
         model_id=handle.model_id, model_hash=handle.model_hash, label_source=label_source,
         metrics={"val_accuracy": best["val_accuracy"], "val_auroc": best["val_auroc"],
-                 "train_accuracy": best["train_accuracy"], "C": best["C"], "n_train": int(len(tr)), "n_val": int(len(va)),
-                 "n_skipped_missing_position": int((~keep).sum()), "by_layer": by_layer},
+                 "train_accuracy": best["train_accuracy"], "C": best["C"], "n_train": int(len(tr)), "n_val": n_val,
+                 "val_class_counts": val_counts, "val_accuracy_interval": [float(interval[0]), float(interval[1])],
+                 "small_validation": bool(small), "n_skipped_missing_position": int((~keep).sum()),
+                 "by_layer": by_layer},
         provenance={"seed": seed, "C": C, "val_fraction": val_fraction,
                     "data_hash": content_hash([batch.row(i) for i in range(len(batch))] + [y.tolist()]),
                     **(provenance or {})},

@@ -1,4 +1,4 @@
-"""Refusal heads by attention shift (arXiv 2509.00544 "When Thinking Backfires", §2.2 of our spec).
+"""Refusal heads by attention shift (arXiv 2509.00544 "When Thinking Backfires").
 
 For each head, the key position with the **largest attention weight** from the **first answer token** (the paper's
 "first generated token"), once with thinking on and once with thinking off, on the same prompts. The paper's

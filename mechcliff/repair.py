@@ -1,4 +1,4 @@
-"""Repair: supervised fine-tuning on selected safety examples (Cliff-as-a-Judge, arXiv 2510.06036 §1.8).
+"""Repair: supervised fine-tuning on selected safety examples (Cliff-as-a-Judge, arXiv 2510.06036).
 
 Targets follow the authors' recipe (``src/train/create_data.py``): for a harmful prompt, the model's *own*
 thinking followed by a refusal answer; mixed with ordinary examples (the model's own thinking and answer on

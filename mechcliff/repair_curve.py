@@ -1,6 +1,6 @@
 """The Cliff-as-a-Judge experiment: ASR after repair against the fraction of safety data used, per selection method.
 
-``repair_curve(model, out)`` (command: ``mechcliff repair-curve``), after arXiv 2510.06036 §1.8 / Fig. 7:
+``repair_curve(model, out)`` (command: ``mechcliff repair-curve``), after arXiv 2510.06036 (Cliff-as-a-Judge, Fig. 7):
 
 1. Split the prompts (seeded): part of each attack group becomes the *candidate pool*, the rest is held out for
    evaluation; harmless prompts are split into a *mix* set (ordinary training examples) and an evaluation set.
@@ -182,7 +182,7 @@ class RepairCurve(Result):
 
     def plot(self):
         """The paper's Fig. 7 layout: ASR (with 95% intervals) against % of the pool, log x; the unrepaired ASR
-        dashed; ``all`` as a marker at 100% with a dotted reference line."""
+        dashed (named in the legend); ``all`` as a marker at 100% with a dotted reference line."""
         import plotly.graph_objects as go
 
         from mechcliff.plotting import OKABE_ITO, TEMPLATE
@@ -203,8 +203,12 @@ class RepairCurve(Result):
                 marker=dict(size=10 if m == "all" else 6, symbol="star" if m == "all" else "circle")))
             if m == "all":
                 fig.add_hline(y=y[0], line=dict(color=colors[m], dash="dot", width=1))
-        fig.add_hline(y=self.unrepaired["asr"], line=dict(color="#555555", dash="dash", width=1),
-                      annotation_text="unrepaired", annotation_position="bottom left")
+        # The unrepaired ASR: a dashed line across the plot, labelled in the legend (a label on the line would sit
+        # on the curves, which start near it at small budgets).
+        unrepaired = dict(color="#555555", dash="dash", width=1)
+        fig.add_hline(y=self.unrepaired["asr"], line=unrepaired)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=unrepaired, hoverinfo="skip",
+                                 name=f"unrepaired (ASR {self.unrepaired['asr']:.2f})"))
         ticks = sorted({100 * p["fraction"] for p in self.points})
         fig.update_xaxes(type="log", title="safety data used (% of pool)", tickvals=ticks,
                          ticktext=[f"{t:g}%" for t in ticks])
@@ -242,12 +246,24 @@ class RepairCurve(Result):
                                     for p in cliff]}
 
     def summary_rows(self) -> list[tuple[str, str]]:
-        lim = self.less_is_more()
+        ran = self.methods()
+        allp = [p for p in self.points if p["method"] == "all"]
+        cliff = [p["fraction"] for p in self.points if p["method"] == "cliff"]
+        if not allp:
+            all_asr = reach = "n/a (method 'all' not run)"
+        else:
+            all_asr = f"{allp[0]['asr']:.2f}"
+            at = self.less_is_more()["cliff_reaches_all_at"]
+            if not cliff:
+                reach = "n/a (method 'cliff' not run)"
+            elif at is None:
+                reach = f"never (budgets up to {100 * max(cliff):g}% of the pool)"
+            else:
+                reach = f"{100 * at:g}% of the pool"
         return [("model", self.model_id), ("pool", str(self.pool_size)),
+                ("methods", ", ".join(ran) or "none"),
                 ("unrepaired ASR", f"{self.unrepaired['asr']:.2f}"),
-                ("all-data ASR", "n/a" if lim["all_asr"] is None else f"{lim['all_asr']:.2f}"),
-                ("cliff reaches all-data ASR at", "never" if lim["cliff_reaches_all_at"] is None
-                 else f"{100 * lim['cliff_reaches_all_at']:g}% of the pool")]
+                ("all-data ASR", all_asr), ("cliff reaches all-data ASR at", reach)]
 
 
 # --------------------------------------------------------------------------------------------- the experiment

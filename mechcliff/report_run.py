@@ -51,7 +51,7 @@ def write_run_report(run_dir: str | Path, *, results: dict[str, Any], probe: Any
     att = results["attribution"]
     summary = [
         ("model", str(results["model"])),
-        ("probe", f"layer {probe.layer}, {probe.label_source} labels, val accuracy {fmt(probe.metrics['val_accuracy'], 3)}, "
+        ("probe", f"layer {probe.layer}, {probe.label_source} labels, val accuracy {dict(probe.summary_rows())['val accuracy']}, "
                   f"AUROC {fmt(probe.metrics['val_auroc'], 3)}"),
         ("top suppression heads", ", ".join(att["top_suppression_heads"][:5])),
         ("DPA exact", f"{att['exact']} (max |Σ components − logit| = {att['exact_max_abs_error']:.2e})"),

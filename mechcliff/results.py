@@ -80,6 +80,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+#: Width of a result's one-line repr, and how many of its summary rows it shows.
+REPR_WIDTH, REPR_ROWS = 280, 6
+
+
+def _clip(value: Any, width: int) -> str:
+    """``str(value)`` on one line, cut to ``width`` characters (ending in "…" when cut)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _required(cls: type, name: str) -> bool:
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -87,7 +97,7 @@ def _required(cls: type, name: str) -> bool:
 
 @dataclasses.dataclass
 class Result:
-    """Base class: ``save(dir)``, ``load(dir)``, ``to_dict()`` and an HTML repr for Jupyter."""
+    """Base class: ``save(dir)``, ``load(dir)``, ``to_dict()``, a one-line repr and an HTML repr for Jupyter."""
 
     KIND: ClassVar[str] = "result"
 
@@ -95,6 +105,10 @@ class Result:
         super().__init_subclass__(**kwargs)
         if "KIND" in cls.__dict__:  # a subclass that inherits its parent's KIND does not take the parent's place
             REGISTRY[cls.KIND] = cls
+        if "__repr__" not in cls.__dict__:
+            # The short repr below, not the field-by-field one of @dataclass (which prints whole arrays): this runs
+            # before the decorator, and @dataclass leaves a __repr__ the class body (or this) already defines.
+            cls.__repr__ = Result.__repr__  # type: ignore[method-assign]
 
     def _split(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta: dict[str, Any] = {}
@@ -177,8 +191,28 @@ class Result:
         return rows
 
     def __repr__(self) -> str:
-        body = ", ".join(f"{k}={v}" for k, v in self.summary_rows())
-        return f"{type(self).__name__}({body})"
+        """One line of at most :data:`REPR_WIDTH` characters: class, kind, the first :meth:`summary_rows` and the
+        shapes of the array fields, e.g. ``HeadAttribution[head_attribution](examples=120, probe layer=3, ...;
+        per_example 120×4×4, mlp 120×4, ...)``. The full view is :meth:`summary_rows` (the Jupyter table)."""
+        rows: list[tuple[str, str]] = []
+        for rows_of in (type(self).summary_rows, Result.summary_rows):
+            try:  # a repr must not raise (e.g. on a half-built result): fall back to the generic rows, then none
+                rows = rows_of(self)
+                break
+            except Exception:
+                continue
+        items = [f"{k}={_clip(v, 48)}" for k, v in rows if str(v) and not str(v).startswith("array (")][:REPR_ROWS]
+        arrays = [f"{f.name} {'×'.join(map(str, v.shape)) or 'scalar'}" for f in dataclasses.fields(self)
+                  if isinstance(v := getattr(self, f.name, None), np.ndarray)]
+        if len(arrays) > 4:
+            arrays = arrays[:4] + [f"+{len(arrays) - 4} more"]
+        head = f"{type(self).__name__}[{self.KIND}]("
+        tail = ("; " + ", ".join(arrays) if arrays else "") + ")"
+        body = ", ".join(items)
+        room = REPR_WIDTH - len(head) - len(tail)
+        if len(body) > room:
+            body = body[:max(0, room - 1)].rstrip(", ") + "…"
+        return _clip(head + body + tail, REPR_WIDTH)
 
     def _repr_html_(self) -> str:
         from mechcliff.report import html_table

@@ -1,4 +1,4 @@
-"""Safety-layer localisation ("CoT is Not the Chain of Truth", arXiv 2602.04856, §3.2; code ``CoT_Analysis/Layer.py``).
+"""Safety-layer localisation ("CoT is Not the Chain of Truth", arXiv 2602.04856; its code ``CoT_Analysis/Layer.py``).
 
 Per layer ``l``, the mean cosine similarity of last-token hidden states between pairs of texts:
 

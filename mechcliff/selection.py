@@ -1,4 +1,4 @@
-"""Cliff-as-a-Judge: choose safety-training examples by the size of their refusal cliff (arXiv 2510.06036, §1.8).
+"""Cliff-as-a-Judge: choose safety-training examples by the size of their refusal cliff (arXiv 2510.06036).
 
 A *candidate pool* is a set of harmful-prompt rollouts of the model to be repaired, each scored by the refusal
 probe: ``plateau`` (mean or max of the refusal score over the thinking), ``final`` (the score at the last

@@ -1,4 +1,4 @@
-"""Ships head importance (Zhou et al., "On the Role of Attention Heads in LLM Safety", arXiv 2410.13708, §4).
+"""Ships head importance (Zhou et al., "On the Role of Attention Heads in LLM Safety", arXiv 2410.13708).
 
 * :func:`ships_scores` -- per query, ``Ships(q, h) = KL(p(q; θ) || p(q; θ \\ h))`` between the next-token
   distributions at one position (default: the last token) with and without head ``h``. "Without" is
@@ -76,7 +76,19 @@ def ships_scores(
     handle: Any, batch: EncodedBatch, *, mode: str = "scale_q", eps: float = 1e-5, position: Any = "last",
     heads: Sequence[Any] | None = None, max_rows: int = 64,
 ) -> HeadImportance:
-    """Ships KL of every head (or ``heads``) on each example of ``batch``."""
+    """Ships KL of every head (or ``heads``) on each example of ``batch``: KL(base ‖ ablated) of the next-token
+    distribution at ``position`` when that one head is ablated.
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`).
+        batch: the encoded prompts (e.g. harmful prompts, :func:`mechcliff.chat.encode`).
+        mode: the ablation: ``"scale_q"`` (queries scaled by ``eps``: uniform attention, as Ships) or ``"scale_z"``
+            (the head's output scaled by ``eps``).
+        eps: the scale factor of the ablation (Ships' ε).
+        position: where the next-token distributions are compared (an anchor, an int or a per-example tensor).
+        heads: the heads to score; default all.
+        max_rows: the most rows (examples × heads) in one forward (at least ``len(batch)``).
+    """
     pos = _check(handle, batch, mode, eps, position)
     B = len(batch)
     if max_rows < B:

@@ -229,7 +229,28 @@ def ablation_sweep(
     generation: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> AblationSweepResult:
-    """Run the grid ``modes × gammas × ks`` for the top-``k`` of ``ranked_heads`` and ``n_random`` random sets."""
+    """Run the grid ``modes × gammas × ks`` for the top-``k`` of ``ranked_heads`` and ``n_random`` random sets.
+
+    Each cell: ASR on ``attack_prompts``, refusal of ``harmless_prompts``, capability loss and KL (module
+    docstring). Modes without a γ (``zero``) run once, whatever ``gammas``; ``mean`` is not supported.
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`).
+        ranked_heads: heads, strongest first (e.g. ``HeadAttribution.ranked_heads()``); cell ``k`` ablates the
+            first ``k``.
+        attack_prompts: the prompts whose ASR (answers not refused) is measured.
+        harmless_prompts: harmless prompts: their refusal rate, and the KL at the end of their generation prompt.
+        judge: the refusal judge (:func:`mechcliff.judges.get_judge`).
+        ks: the numbers of heads ablated (each between 1 and ``len(ranked_heads)``).
+        gammas: the γ values of the modes that take one (see :func:`mechcliff.interventions.intervene`).
+        modes: intervention modes (:data:`mechcliff.interventions.MODES` except ``mean``).
+        n_random: random head sets of the same size per cell (the control).
+        seed: seed of the random head sets.
+        harmless_rollouts: unablated harmless rollouts the capability loss is measured on; default: generated.
+        out_dir: a folder for ``cells.jsonl`` (cells appended as they finish, reused on a re-run); None: no file.
+        generation: keyword arguments for :func:`mechcliff.generation.generate_rollouts` (budgets, ...).
+        progress: show a progress bar over the cells.
+    """
     from mechcliff.asr import asr_of, random_head_sets, refusal_flags
     from mechcliff.generation import encode_rollouts, generate_rollouts
     from mechcliff.stats import Rate

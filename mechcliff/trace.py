@@ -1,4 +1,4 @@
-"""Refusal trace and cliff statistics (arXiv 2510.06036, §1.4 of our spec).
+"""Refusal trace and cliff statistics (arXiv 2510.06036).
 
 The trace is the probe's score ``r_t = sigmoid(w · resid_post[layer]_t + b)`` at every real token of prompt,
 thinking, closing template and answer. The paper gives no formula for the cliff; these are **our definitions**:
@@ -197,7 +197,17 @@ def trace_refusal(
     handle: Any, batch: EncodedBatch, probe: Any, *, groups: list[str] | None = None, ids: list[str | None] | None = None,
     plateau: str = "mean", batch_size: int = 16,
 ) -> RefusalTrace:
-    """Probe scores at every token of every example, with per-example cliff statistics."""
+    """Probe scores at every token of every example, with per-example cliff statistics (module docstring).
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`); must be the probe's model.
+        batch: the encoded rollouts (:func:`mechcliff.generation.encode_rollouts`).
+        probe: the refusal probe (:func:`mechcliff.probe.fit_probe` or ``LinearProbe.load``).
+        groups: a group name per example (e.g. ``"harmless"``, ``"harmful_jailbreak"``); default ``"all"``.
+        ids: an id per example, kept with the trace.
+        plateau: which plateau defines ``ms``: ``"mean"`` (default) or ``"max"`` of the thinking scores.
+        batch_size: examples per forward pass.
+    """
     from mechcliff.errors import MechcliffError
 
     if plateau not in ("mean", "max"):

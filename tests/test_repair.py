@@ -168,7 +168,7 @@ def test_curve_replots_and_resumes_without_refitting(short_curve, monkeypatch):
     out, curve = short_curve
     back = RepairCurve.load(out / "curve")
     fig = back.plot()
-    assert [t.name for t in fig.data] == ["Cliff-as-a-Judge", "random", "all data"]
+    assert [t.name for t in fig.data] == ["Cliff-as-a-Judge", "random", "all data", "unrepaired (ASR 0.75)"]
     assert fig.layout.xaxis.type == "log" and "%" in fig.layout.xaxis.title.text
     assert back.less_is_more()["cliff_reaches_all_at"] is not None
     n_before = len((out / "points.jsonl").read_text().splitlines())
@@ -309,3 +309,55 @@ def test_an_edited_pool_is_not_trained_on_with_old_points(curve_copy):
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(AssertionError, match="fine-tuned again"):  # the points are measured again, not reused
         resume()
+
+
+# ---- the repair-curve result on its own (no model): summary and figure ------------------------------------------
+
+
+def _curve(methods=("cliff", "random"), cliff_asr=(0.5, 0.2, 0.1), all_asr=0.1):
+    from mechcliff.repair_curve import RepairCurve
+
+    def point(method, fraction, asr):
+        return dict(method=method, fraction=fraction, asr=asr, asr_low=max(0.0, asr - 0.2),
+                    asr_high=min(1.0, asr + 0.2), harmless_refusal=0.05, capability=1.1, n_selected=int(40 * fraction),
+                    seeds=1)
+
+    fractions = (0.05, 0.1, 0.25)
+    points = [point("cliff", f, a) for f, a in zip(fractions, cliff_asr)] if "cliff" in methods else []
+    points += [point("random", f, a) for f, a in zip(fractions, (0.85, 0.6, 0.3))] if "random" in methods else []
+    points += [point("all", 1.0, all_asr)] if "all" in methods else []
+    return RepairCurve(points=points, unrepaired={"asr": 0.9, "asr_low": 0.7, "asr_high": 1.0, "harmless_refusal": 0.0,
+                                                  "capability": 1.0}, pool_size=40, model_id="synthetic")
+
+
+def test_curve_summary_says_which_methods_were_not_run():
+    rows = dict(_curve(("cliff", "random")).summary_rows())
+    assert rows["all-data ASR"] == "n/a (method 'all' not run)"
+    assert rows["cliff reaches all-data ASR at"] == "n/a (method 'all' not run)"  # not "never"
+    assert rows["methods"] == "cliff, random"
+    rows = dict(_curve(("random", "all")).summary_rows())
+    assert rows["all-data ASR"] == "0.10" and rows["cliff reaches all-data ASR at"] == "n/a (method 'cliff' not run)"
+    rows = dict(_curve(("cliff", "random", "all"), all_asr=0.05).summary_rows())
+    assert rows["cliff reaches all-data ASR at"] == "never (budgets up to 25% of the pool)"
+    rows = dict(_curve(("cliff", "random", "all")).summary_rows())
+    assert rows["cliff reaches all-data ASR at"] == "25% of the pool"
+
+
+@pytest.mark.parametrize("style", ["notebook", "paper"])
+@pytest.mark.parametrize("methods", [("cliff", "random"), ("cliff", "random", "all")])
+def test_curve_unrepaired_label_is_not_on_the_data(style, methods):
+    """The unrepaired line is named in the legend; no text label lies inside the plot area, where the curves are."""
+    from mechcliff.plotting import apply_style
+
+    fig = _curve(methods).plot()
+    fig = fig if style == "notebook" else apply_style(fig, style)
+
+    def inside(ref, v):  # data coordinates are on the plot; paper / domain coordinates are in it between 0 and 1
+        return ref in (None, "x", "y") or v is None or 0 <= v <= 1
+
+    for a in fig.layout.annotations:
+        assert not (inside(a.xref, a.x) and inside(a.yref, a.y)), \
+            f"annotation {a.text!r} inside the plot area (x={a.x} {a.xref}, y={a.y} {a.yref})"
+    legend = [t.name for t in fig.data if t.showlegend is not False and t.name]
+    assert any(n.startswith("unrepaired (ASR 0.90)") for n in legend), legend
+    assert [s.y0 for s in fig.layout.shapes if s.line.dash == "dash"] == [0.9]  # the line itself is still drawn
