@@ -23,29 +23,44 @@ from mechcliff.results import Result
 from mechcliff.stats import Rate, rate_by_category
 
 
-def refusal_flags(rollouts: Sequence[Rollout], judge: Any) -> list[bool]:
+def answer_tags(rollout: Rollout, think: Any = None) -> tuple[str, str]:
+    """``(close_tag, open_tag)`` the final answer of ``rollout`` is cut at: those of ``think`` (a
+    :class:`~mechcliff.model.handle.ThinkFormat` or a handle), else the rollout's own (``meta["think_tags"] =
+    [open_tag, close_tag]``, written by :func:`~mechcliff.generation.generate_rollouts` for a model whose format is
+    not ``<think>``), else ``</think>`` / ``<think>``."""
+    fmt = getattr(think, "think", think)
+    if fmt is not None:
+        return fmt.close_tag, fmt.open_tag
+    tags = (rollout.meta or {}).get("think_tags")
+    if isinstance(tags, (list, tuple)) and len(tags) == 2 and all(isinstance(t, str) and t for t in tags):
+        return tags[1], tags[0]
+    return "</think>", "<think>"
+
+
+def refusal_flags(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None) -> list[bool]:
     """Judge each rollout: answer judges read the final answer only (:func:`~mechcliff.judges.final_answer`, never
     the thinking, nor think tags the model wrote into its response); the probe judge reads the model's refusal
-    intention at ``think_end`` of prompt + thinking + answer."""
+    intention at ``think_end`` of prompt + thinking + answer. The final answer is cut at the model's think tags
+    (:func:`answer_tags`: ``think=`` a ThinkFormat or a handle, else each rollout's ``meta["think_tags"]``)."""
     from mechcliff.judges import ProbeJudge, final_answer
 
     if isinstance(judge, ProbeJudge):
         return list(judge.judge_many([r.prompt for r in rollouts], [r.thinking for r in rollouts],
                                      [r.response for r in rollouts]))
-    return list(judge.judge_many([final_answer(r.response) for r in rollouts]))
+    return list(judge.judge_many([final_answer(r.response, *answer_tags(r, think)) for r in rollouts]))
 
 
-def asr_of(rollouts: Sequence[Rollout], judge: Any) -> dict[str, Any]:
+def asr_of(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None) -> dict[str, Any]:
     """ASR (complied fraction) with Wilson interval and per-category rates, as a JSON-ready dict; ``no_answer`` is
     the number of rollouts whose final answer is empty (counted as not refused, see the module docstring)."""
     from mechcliff.judges import final_answer
 
-    refused = refusal_flags(rollouts, judge)
+    refused = refusal_flags(rollouts, judge, think=think)
     complied = [not r for r in refused]
     rate = Rate.of(sum(complied), len(complied))
     return {**rate.to_dict(), "by_category": {c: r.to_dict() for c, r in
                                               rate_by_category(complied, [r.category for r in rollouts]).items()},
-            "no_answer": sum(not final_answer(r.response).strip() for r in rollouts)}
+            "no_answer": sum(not final_answer(r.response, *answer_tags(r, think)).strip() for r in rollouts)}
 
 
 def probe_judge(handle: Any, probe: Any, threshold: float = 0.5, batch_size: int = 16, enable_thinking: bool = True):
@@ -195,13 +210,15 @@ def ablation_experiment(
     for i, hs in enumerate(sets):
         with intervene(handle, hs, mode=mode, gamma=gamma):
             rolls = generate_rollouts(handle, list(attack_prompts), desc=f"attack, random set {i}", **gen)
-        random_rates.append(asr_of(rolls, judge))
+        random_rates.append(asr_of(rolls, judge, think=handle))
     judge_name = getattr(judge, "name", "judge")
     return AblationResult(
         heads=[head_label(h) for h in parsed], mode=mode, gamma=float(g), judge=judge_name,
-        asr_before=asr_of(before[0], judge), asr_after=asr_of(att_after, judge), asr_random=random_rates,
+        asr_before=asr_of(before[0], judge, think=handle), asr_after=asr_of(att_after, judge, think=handle),
+        asr_random=random_rates,
         random_heads=[[head_label(h) for h in hs] for hs in sets],
-        harmless_refusal_before=Rate.of(sum(refusal_flags(before[1], judge)), len(before[1])).to_dict(),
-        harmless_refusal_after=Rate.of(sum(refusal_flags(harmless_after, judge)), len(harmless_after)).to_dict(),
+        harmless_refusal_before=Rate.of(sum(refusal_flags(before[1], judge, think=handle)), len(before[1])).to_dict(),
+        harmless_refusal_after=Rate.of(sum(refusal_flags(harmless_after, judge, think=handle)),
+                                       len(harmless_after)).to_dict(),
         probe_asr_before=probe_before, probe_asr_after=probe_after,
     )

@@ -18,6 +18,12 @@ Anchors (per example, ``-1`` where absent):
 * ``think_close`` -- first token of the closing template (where ``</think>`` starts).
 * ``prompt_end`` -- last token of the rendered generation prompt; ``answer_start`` -- first answer token;
   ``last`` -- last real token.
+
+The model's context (``handle.n_ctx``: ``max_position_embeddings``) is a hard limit: a sequence longer than it is
+refused with a :class:`~mechcliff.errors.MechcliffError` naming the example and its lengths, before any forward
+pass. Nothing is truncated: a prompt cut to fit is another prompt (it may lose the request or the jailbreak frame),
+and a thinking cut to fit moves ``think_end``. :func:`mechcliff.generation.generate_rollouts` fits its thinking and
+answer budgets to the context, so its rollouts always encode.
 """
 
 from __future__ import annotations
@@ -141,6 +147,7 @@ def encode(
     system: str | None = None,
     has_think_close: Sequence[bool] | None = None,
     open_thinking: bool = False,
+    check_context: bool = True,
 ) -> EncodedBatch:
     """Encode prompts (and optionally their thinking and answers) into a left-padded batch with token spans.
 
@@ -148,6 +155,22 @@ def encode(
     thinking never closed: the thinking is encoded, no closing template is added, and ``think_end`` is ``-1``.
     ``open_thinking=True`` (used for generation) ends each sequence with the opener so the model starts
     thinking.
+
+    A sequence (prompt with its chat template + think block + answer) longer than the model's context
+    (``handle.n_ctx``) raises :class:`~mechcliff.errors.MechcliffError` naming each such example (its index in
+    ``prompts``) and its lengths; nothing is truncated (see the module docstring). ``check_context=False`` skips
+    this check (generation measures prompts with it and fits its budgets itself).
+
+    Args:
+        handle: the loaded model (:func:`mechcliff.load_model`); its tokenizer and think format are used.
+        prompts: the user prompts (non-empty strings).
+        thinking: per prompt, its thinking text, or None for no thinking block (default: none).
+        answers: per prompt, its answer text, or None for no answer (default: none).
+        enable_thinking: the chat template's thinking switch (``enable_thinking`` of ``apply_chat_template``).
+        system: a system message, or None.
+        has_think_close: per prompt, False for a thinking that never closed (above); default all True.
+        open_thinking: end each sequence with the think opener (generation prompts, above).
+        check_context: refuse sequences longer than the model's context (above).
     """
     tok, fmt = handle.tokenizer, handle.think
     n = len(prompts)
@@ -207,6 +230,9 @@ def encode(
         sp["answer"] = (a0, len(ids))
         rows.append(ids)
         spans.append(sp)
+    n_ctx = getattr(handle, "n_ctx", None) if check_context else None
+    if isinstance(n_ctx, int):
+        _check_context(rows, spans, n_ctx)
     width = max(len(r) for r in rows)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     tokens = torch.full((n, width), pad_id, dtype=torch.long)
@@ -220,3 +246,22 @@ def encode(
         for k, (s, e) in sp.items():
             sp[k] = (s + pad, e + pad)
     return EncodedBatch(tokens=tokens, attention_mask=mask, spans=spans, has_think_close=closed, pad_lengths=pads)
+
+
+def _check_context(rows: list[list[int]], spans: list[dict[str, tuple[int, int]]], n_ctx: int) -> None:
+    """Raise a MechcliffError naming every sequence longer than ``n_ctx`` tokens (lengths of its parts)."""
+    long = [i for i, r in enumerate(rows) if len(r) > n_ctx]
+    if not long:
+        return
+    parts = []
+    for i in long[:5]:
+        sp, p = spans[i], spans[i]["prefix"][1]
+        a0, a1 = sp["answer"]
+        parts.append(f"example {i} is {len(rows[i])} tokens (prompt with its chat template {p}, think block "
+                     f"{a0 - p}, answer {a1 - a0})")
+    more = f" and {len(long) - 5} more" if len(long) > 5 else ""
+    raise MechcliffError(
+        f"{'; '.join(parts)}{more}: longer than the model's context of {n_ctx} tokens. mechcliff never truncates a "
+        "sequence (a cut prompt or thinking is another example): shorten or drop "
+        f"{'it' if len(long) == 1 else 'them'} (generate_rollouts fits its thinking and answer budgets to the context)"
+    )

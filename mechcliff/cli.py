@@ -203,6 +203,9 @@ RUN_FLAGS = {
     "--mode": ("ablation_mode", str, "intervention on those heads: scale_z (default), zero, scale_q, norm_preserving"),
     "--gamma": ("ablation_gamma", float, "the factor of scale_z / scale_q / norm_preserving (0 ablates; > 1 amplifies)"),
     "--n-random-sets": ("n_random_sets", int, "random head sets of the same size, as the control"),
+    "--think-format": ("think_format", str, "how the model writes its thinking: auto (default), or a preset: "
+                       "qwen3, qwq, deepseek-r1, phi4-reasoning, hermes4, magistral, seed-oss, organism, default "
+                       "(a custom opener/closer: think_format = {opener = ..., closer = ...} in a --config file)"),
 }
 
 

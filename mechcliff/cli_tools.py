@@ -70,7 +70,8 @@ class _RunFolder:
             from mechcliff.model.loading import load_model
 
             _log(f"loading model '{self.cfg.model}' ...")
-            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, adapter=self.cfg.adapter)
+            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, adapter=self.cfg.adapter,
+                                     think=self.cfg.think_format)
         return self.handle
 
     def probe(self) -> Any:

@@ -108,8 +108,12 @@ class Rollout:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Rollout:
-        """Build from a dict (as written by to_dict); unknown keys go into ``meta``. Raises MechcliffError."""
+    def from_dict(cls, d: dict[str, Any], *, think: Any = None) -> Rollout:
+        """Build from a dict (as written by to_dict); unknown keys go into ``meta``. Raises MechcliffError.
+
+        A raw generation (``response`` with think tags, no ``thinking``) is split at ``think``'s tags (a
+        :class:`~mechcliff.model.handle.ThinkFormat` or a handle), else at the record's ``meta["think_tags"]``
+        (``[open_tag, close_tag]``), else at ``<think>`` / ``</think>``."""
         if not isinstance(d, dict):
             raise MechcliffError(f"expected a JSON object for a rollout, got {type(d).__name__}")
         for req in ("prompt", "response"):
@@ -124,9 +128,17 @@ class Rollout:
         if not isinstance(has_close, bool):
             raise MechcliffError("rollout field 'has_think_close' must be true or false")
         response = d["response"]
-        if "thinking" not in d and ("</think>" in response or response.lstrip().startswith("<think>")):
+        fmt = getattr(think, "think", think)
+        tags = (d.get("meta") or {}).get("think_tags") if isinstance(d.get("meta"), dict) else None
+        if fmt is not None:
+            open_tag, close_tag = fmt.open_tag, fmt.close_tag
+        elif isinstance(tags, list) and len(tags) == 2 and all(isinstance(t, str) and t for t in tags):
+            open_tag, close_tag = tags
+        else:
+            open_tag, close_tag = "<think>", "</think>"
+        if "thinking" not in d and (close_tag in response or response.lstrip().startswith(open_tag)):
             # A raw generation: split it here; an unclosed thinking is kept and marked, never mis-segmented.
-            thinking, response, has_close = split_thinking(response)
+            thinking, response, has_close = split_thinking(response, close_tag, open_tag)
         meta = d.get("meta", {})
         if meta is None:
             meta = {}
@@ -449,9 +461,10 @@ def load_prompts(
 # --------------------------------------------------------------------------- rollouts
 
 
-def load_rollouts(path: str | os.PathLike[str]) -> list[Rollout]:
+def load_rollouts(path: str | os.PathLike[str], *, think: Any = None) -> list[Rollout]:
     """Load rollouts from JSONL (``prompt``, ``response``; optional ``thinking``, ``category``,
     ``label``, ``group``, ``id``, ``has_think_close``, ``meta``). A JSON list is also accepted.
+    Raw generations are split at ``think``'s tags (see :meth:`Rollout.from_dict`).
     Raises MechcliffError naming the file and line."""
     p = Path(path)
     text = _read_text(p)
@@ -470,7 +483,7 @@ def load_rollouts(path: str | os.PathLike[str]) -> list[Rollout]:
     out: list[Rollout] = []
     for i, (line, rec) in enumerate(records):
         try:
-            out.append(Rollout.from_dict(rec))
+            out.append(Rollout.from_dict(rec, think=think))
         except MechcliffError as e:
             raise MechcliffError(f"{_where(p, line)}: record {i}: {e}") from None
     if not out:

@@ -54,6 +54,9 @@ class RunConfig:
     batch_size: int = 16
     seed: int = 0
     enable_thinking: bool = True
+    # how the model writes its thinking: "auto" (the organism's format for the organism, <think>\n ... \n</think>\n\n
+    # otherwise), a preset of mechcliff.model.handle.THINK_PRESETS, or (config files) a dict with opener and closer
+    think_format: str | dict[str, str] = "auto"
     ablation_top_k: int | None = None  # None: 3% of all heads (at least 1)
     ablation_mode: str = "scale_z"
     ablation_gamma: float = 0.0
@@ -108,7 +111,7 @@ class RunConfig:
     _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
         "model": (str,), "adapter": (str, type(None)), "n_per_group": (int, type(None)), "label_source": (str,), "probe_layer": (int, str),
         "position": (str,), "plateau": (str,), "max_think_tokens": (int,), "max_answer_tokens": (int,),
-        "temperature": (int, float), "batch_size": (int,), "seed": (int,), "enable_thinking": (bool,),
+        "temperature": (int, float), "batch_size": (int,), "seed": (int,), "enable_thinking": (bool,), "think_format": (str, dict),
         "ablation_top_k": (int, type(None)), "ablation_mode": (str,), "ablation_gamma": (int, float),
         "n_random_sets": (int,), "quick": (bool,), "prompts": (dict,), "probe_groups": (list,),
     }
@@ -128,6 +131,13 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MechcliffError(f"{source}: option '{name}' must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not (isinstance(self.think_format, str) and self.think_format.strip().lower() == "auto"):
+            from mechcliff.model.handle import think_format
+
+            try:
+                think_format(self.think_format)
+            except MechcliffError as exc:
+                raise MechcliffError(f"{source}: option 'think_format': {exc}") from None
         if isinstance(self.probe_layer, str) and self.probe_layer != "best":
             raise MechcliffError(f"{source}: option 'probe_layer' must be an integer or 'best', not {self.probe_layer!r}")
         if not math.isfinite(float(self.ablation_gamma)):
@@ -163,7 +173,8 @@ class RunConfig:
 
     def stage_hash(self, *fields: str) -> str:
         d = self.to_dict()
-        return content_hash([{k: d[k] for k in sorted(fields)}])
+        # think_format "auto" is left out, so that runs from before the option keep their hashes (and resume)
+        return content_hash([{k: d[k] for k in sorted(fields) if not (k == "think_format" and d[k] == "auto")}])
 
 
 def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
@@ -276,7 +287,7 @@ class Run:
     # ---- stage bookkeeping ----
     STAGE_FIELDS = {
         "rollouts": ("model", "adapter", "prompts", "n_per_group", "max_think_tokens", "max_answer_tokens", "temperature",
-                     "seed", "enable_thinking", "quick"),
+                     "seed", "enable_thinking", "quick", "think_format"),
         "probe": ("label_source", "probe_layer", "position", "probe_groups"),
         "trace": ("plateau",),
         "attribution": (),
@@ -303,7 +314,8 @@ class Run:
             from mechcliff.model.loading import load_model
 
             self.log(f"loading model '{self.cfg.model}' ...")
-            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True, adapter=self.cfg.adapter)
+            self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True, adapter=self.cfg.adapter,
+                                     think=self.cfg.think_format)
         return self.handle
 
     # ---- data ----

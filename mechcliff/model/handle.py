@@ -7,6 +7,8 @@ format, and the load-time conformance report. Analyses never touch backend detai
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +25,106 @@ class ThinkFormat:
 
     ``opener`` starts the thinking (unless the chat template's generation prompt already ends with it) and
     ``closer`` is the closing template, from the end of the thinking to the first answer token (``</think>``
-    plus whatever the model writes before the answer). ``close_tag`` is what rollouts are split on.
+    plus whatever the model writes before the answer). ``close_tag`` is what rollouts are split on and
+    ``open_tag`` what marks a thinking the model opens (in the template's prompt, or inside its answer).
+
+    A tag left empty is the first word of the opener / closer: ``ThinkFormat("<reasoning>\\n",
+    "\\n</reasoning>\\n\\n")`` has the tags ``<reasoning>`` / ``</reasoning>``. Give the tags explicitly when a tag
+    is several words. The opener must contain ``open_tag`` and the closer ``close_tag`` (a
+    :class:`~mechcliff.errors.MechcliffError` otherwise), so what generation splits on is what encoding writes.
     """
 
     opener: str = "<think>\n"
     closer: str = "\n</think>\n\n"
-    close_tag: str = "</think>"
-    open_tag: str = "<think>"
+    close_tag: str = ""
+    open_tag: str = ""
+
+    def __post_init__(self) -> None:
+        from mechcliff.errors import MechcliffError
+
+        for name in ("opener", "closer", "close_tag", "open_tag"):
+            if not isinstance(getattr(self, name), str):
+                raise MechcliffError(f"ThinkFormat.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("opener", "closer"):
+            if not getattr(self, name).strip():
+                raise MechcliffError(f"ThinkFormat.{name} must contain its think tag, got {getattr(self, name)!r}")
+        self.open_tag = self.open_tag or self.opener.split()[0]
+        self.close_tag = self.close_tag or self.closer.split()[0]
+        if self.open_tag not in self.opener:
+            raise MechcliffError(f"ThinkFormat: open_tag {self.open_tag!r} is not in the opener {self.opener!r}")
+        if self.close_tag not in self.closer:
+            raise MechcliffError(f"ThinkFormat: close_tag {self.close_tag!r} is not in the closer {self.closer!r}")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"opener": self.opener, "closer": self.closer, "close_tag": self.close_tag, "open_tag": self.open_tag}
+
+
+# Think formats by name, for ``load_model(..., think=NAME)``. Only formats of the reasoning models studied in
+# arXiv 2510.06036 (the models of its run scripts and figures) or read from a model's public chat template / system
+# prompt; the source of each is given. Formats whose tags are the same share mechcliff's default strings
+# ("<think>\n" + thinking + "\n</think>\n\n"); a template whose generation prompt already ends with the opener
+# (R1 distills, QwQ, Qwen3-*-Thinking-2507) gets no second one (see mechcliff.chat.encode).
+_DEFAULT = ThinkFormat()
+THINK_PRESETS: dict[str, ThinkFormat] = {
+    # mechcliff's default, for templates that do not mention thinking (e.g. SmolLM2's).
+    "default": _DEFAULT,
+    # arXiv 2510.06036: Qwen3-4B/30B-A3B-Thinking-2507 (and the hybrid Qwen3 models). Their chat template writes an
+    # assistant turn as "<think>\n" + reasoning + "\n</think>\n\n" + answer, and "<think>\n\n</think>\n\n" when
+    # enable_thinking=False.
+    "qwen3": _DEFAULT,
+    # arXiv 2510.06036: QwQ-32B. Same template strings as Qwen3; its generation prompt ends with "<think>\n".
+    "qwq": _DEFAULT,
+    # arXiv 2510.06036: DeepSeek-R1-Distill-Qwen-7B/14B, -Llama-8B, Skywork-OR1-7B and RealSafe-R1-7B/8B (R1
+    # distills). The generation prompt ends with "<|Assistant|><think>\n" (full-width bars in the real token); the
+    # paper's probe reads template + thinking + "\n</think>\n\n".
+    "deepseek-r1": _DEFAULT,
+    # arXiv 2510.06036: Phi-4-reasoning / Phi-4-mini-reasoning. Tags from Microsoft's recommended system prompt
+    # ("... using the specified format: <think> {Thought section} </think> {Solution section}"); the whitespace
+    # around them is not fixed by a template, so the default strings.
+    "phi4-reasoning": _DEFAULT,
+    # arXiv 2510.06036: Hermes-4-14B. Its chat template's thinking system prompt asks for "<think> </think> tags";
+    # whitespace as for Phi-4-reasoning.
+    "hermes4": _DEFAULT,
+    # mechcliff's built-in organism (mechcliff.model.organism: word-level tokens, spaces around the tags).
+    "organism": ThinkFormat(opener=" <think> ", closer=" </think> "),
+    # Not a model of arXiv 2510.06036. Mistral's Magistral-Small-2509 and Ministral-3-*-Reasoning-2512: the default
+    # system prompt's template "[THINK]Your thoughts ...[/THINK]Here, provide a self-contained response." (no
+    # whitespace around the tags).
+    "magistral": ThinkFormat(opener="[THINK]", closer="[/THINK]"),
+    # Not a model of arXiv 2510.06036. ByteDance Seed-OSS-36B: "<seed:think>" ... "</seed:think>" (the tokens of
+    # vLLM's SeedOSSReasoningParser).
+    "seed-oss": ThinkFormat(opener="<seed:think>", closer="</seed:think>"),
+}
+
+
+def think_format(spec: "str | ThinkFormat | Mapping[str, str]") -> ThinkFormat:
+    """A (new) :class:`ThinkFormat` from a preset name of :data:`THINK_PRESETS` (case and ``-``/``_`` insensitive),
+    a ThinkFormat (copied) or a mapping of its fields (``{"opener": "<reasoning>\\n", "closer": ...}``). ``"auto"``
+    is resolved by :func:`mechcliff.model.loading.load_model`, which knows the model."""
+    import difflib
+
+    from mechcliff.errors import MechcliffError
+
+    if isinstance(spec, ThinkFormat):
+        return dataclasses.replace(spec)
+    if isinstance(spec, str):
+        key = spec.strip().lower().replace("_", "-")
+        if key in THINK_PRESETS:
+            return dataclasses.replace(THINK_PRESETS[key])
+        close = difflib.get_close_matches(key, list(THINK_PRESETS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MechcliffError(f"unknown think format {spec!r}{hint}; use 'auto', one of {', '.join(THINK_PRESETS)}, "
+                             "or a ThinkFormat / dict with opener and closer")
+    if isinstance(spec, Mapping):
+        names = {f.name for f in dataclasses.fields(ThinkFormat)}
+        unknown = sorted(str(k) for k in spec if k not in names)
+        if unknown:
+            raise MechcliffError(f"unknown ThinkFormat field(s) {', '.join(map(repr, unknown))}; the fields are "
+                                 f"{', '.join(sorted(names))}")
+        if "opener" not in spec or "closer" not in spec:
+            raise MechcliffError("a think format given as a dict needs 'opener' and 'closer'")
+        return ThinkFormat(**dict(spec))
+    raise MechcliffError(f"a think format is a preset name, a ThinkFormat or a dict, not {type(spec).__name__}")
 
 
 @dataclass
@@ -62,6 +157,18 @@ class ModelHandle:
     @property
     def d_model(self) -> int:
         return int(self.bridge.cfg.d_model)
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The model's context length in tokens: the Hugging Face config's ``max_position_embeddings`` (the forward
+        that runs is the HF model's), else the bridge's ``cfg.n_ctx``; ``None`` when neither is known. Encoding
+        refuses longer sequences and generation fits its budgets to it (:func:`mechcliff.chat.encode`,
+        :func:`mechcliff.generation.generate_rollouts`)."""
+        for v in (getattr(getattr(self.hf_model, "config", None), "max_position_embeddings", None),
+                  getattr(getattr(self.bridge, "cfg", None), "n_ctx", None)):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -110,6 +217,7 @@ class ModelHandle:
             "architecture": type(self.hf_model).__name__,
             "exact_decomposition": self.exact_decomposition,
             "conformance_checked": self.conformance is not None,
+            "think_format": {"preset": self.extra.get("think_format", "auto"), **self.think.to_dict()},
             **({"adapter": self.extra["adapter"]} if "adapter" in self.extra else {}),
         }
 

