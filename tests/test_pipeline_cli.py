@@ -450,9 +450,11 @@ def test_no_command_prints_help(capsys):
 
 def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["run"])  # --out is required
+        main(["run", "--out", "x", "--seed", "one"])  # not an integer: argparse's own error
     assert exc.value.code == 2
-    assert "--out" in capsys.readouterr().err
+    assert "--seed" in capsys.readouterr().err
+    assert main(["run"]) == 2  # --out is needed (unless --print-config): one line, naming it
+    assert "needs --out DIR" in capsys.readouterr().err
 
 
 def test_check_local_hf_folder(tmp_path, capsys, tiny_models, tiny_hf):
