@@ -84,12 +84,6 @@ class _RunFolder:
 
         return Result.load(self.dir / "attribution")
 
-    def generation(self, progress: bool) -> dict[str, Any]:
-        c = self.cfg
-        return dict(max_think_tokens=c.max_think_tokens, max_answer_tokens=c.max_answer_tokens,
-                    temperature=c.temperature, seed=c.seed, batch_size=c.batch_size, enable_thinking=c.enable_thinking,
-                    progress=progress)
-
 
 def _write(out: Path, name: str, result: Any, title: str, notes: list[str], summary: dict[str, Any]) -> list[tuple[str, Path]]:
     from mechcliff.data import atomic_write_text
@@ -165,7 +159,7 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     gammas = _numbers(args.gammas, float, "--gammas")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     dpa = run.attribution()
-    ranked = dpa.top(max(ks), sign="pos" if args.sign == "pos" else "neg")
+    ranked = dpa.top(max(ks), sign=args.sign)
     attack_group = args.attack or next(g for g in ATTACK_GROUPS if (run.dir / "rollouts" / f"{g}.jsonl").exists())
     attack, harmless = run.rollouts(attack_group), run.rollouts("harmless")
     if args.n_per_group:
@@ -180,7 +174,7 @@ def sweep_cmd(args: argparse.Namespace) -> int:
          f"modes {modes}, {args.n_random} random sets")
     res = ablation_sweep(run.model(), ranked, prompts(attack), prompts(harmless), judge=get_judge("refusal"), ks=ks,
                          gammas=gammas, modes=modes, n_random=args.n_random, seed=run.cfg.seed,
-                         harmless_rollouts=harmless, out_dir=out, generation=run.generation(False),
+                         harmless_rollouts=harmless, out_dir=out, generation=run.cfg.generation(False),
                          progress=not args.no_progress)
     summary = {"run": str(run.dir), "attack_group": attack_group, "ranked_heads": ranked, "baseline": res.baseline,
                "cells": res.cells}

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from mechcliff.data import (BUILTIN_GROUPS, Prompt, atomic_write_text, content_hash, prompt_source,
                             load_rollouts, save_rollouts)
 from mechcliff.errors import MechcliffError
+from mechcliff.versions import manifest_environment
 
 ATTACK_GROUPS = ("harmful_jailbreak", "harmful")
 
@@ -170,6 +170,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def generation(self, progress: bool = True) -> dict[str, Any]:
+        """The keyword arguments of :func:`mechcliff.generation.generate_rollouts` this configuration runs with."""
+        return dict(max_think_tokens=self.max_think_tokens, max_answer_tokens=self.max_answer_tokens,
+                    temperature=self.temperature, seed=self.seed, batch_size=self.batch_size,
+                    enable_thinking=self.enable_thinking, progress=progress)
 
     def stage_hash(self, *fields: str) -> str:
         d = self.to_dict()
@@ -337,10 +343,7 @@ class Run:
         return groups
 
     def gen_kwargs(self) -> dict[str, Any]:
-        c = self.cfg
-        return dict(max_think_tokens=c.max_think_tokens, max_answer_tokens=c.max_answer_tokens,
-                    temperature=c.temperature, seed=c.seed, batch_size=c.batch_size, enable_thinking=c.enable_thinking,
-                    progress=self.progress)
+        return self.cfg.generation(self.progress)
 
     # ---- the run ----
     def run(self) -> dict[str, Any]:
@@ -613,7 +616,7 @@ class Run:
             "seeds": {"run": self.cfg.seed, "generation": self.cfg.seed, "probe_split": self.cfg.seed,
                       "random_heads": self.cfg.seed},
             "versions": versions(),
-            "environment": _environment(),
+            "environment": manifest_environment(),
             "model_source": model_source(self.cfg.model, self.cfg.adapter),
             "prompts": {g: {"n": len(p), "hash": content_hash([x.text for x in p])} for g, p in groups.items()},
             "model": h.describe() if h is not None else old.get("model"),
@@ -624,14 +627,6 @@ class Run:
         if seconds is not None:
             manifest["total_seconds"] = round(seconds, 2)
         atomic_write_text(path, json.dumps(manifest, indent=1, default=str))
-
-
-def _environment() -> dict[str, Any]:
-    """For manifests: whether every installed package is the tested (locked) version, and those that are not."""
-    from mechcliff.versions import environment_report
-
-    env = environment_report()
-    return {"tested_versions": env["tested"], "untested": env["untested"]}
 
 
 def run_pipeline(model: str = "organism", out: str | Path = "runs/demo", *, config: RunConfig | None = None,

@@ -638,13 +638,14 @@ class RepairCurveRun:
                             "Capability: perplexity of the unrepaired model's own harmless continuations."])
 
     def _manifest(self, sets: dict[str, list[Prompt]], status: str, seconds: float | None = None) -> None:
-        from mechcliff.pipeline import _environment, versions
+        from mechcliff.pipeline import versions
+        from mechcliff.versions import manifest_environment
 
         path = self.dir / "manifest.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         man = {"mechcliff_repair_curve": 1, "status": status, "command": " ".join(sys.argv),
                "config": self.cfg.to_dict(), "data_hash": self._data_hash(), "experiment": self.experiment,
-               "versions": versions(), "environment": _environment(),
+               "versions": versions(), "environment": manifest_environment(),
                "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "prompts": {k: {"n": len(v), "hash": content_hash([p.text for p in v])} for k, v in sets.items()},

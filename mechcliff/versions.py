@@ -84,3 +84,9 @@ def untested_summary(limit: int = 6) -> str:
     more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
     items = ", ".join(f"{n} {v['installed']} (tested: {v['tested']})" for n, v in first)
     return f"untested package versions: {items}{more}"
+
+
+def manifest_environment() -> dict[str, Any]:
+    """For run manifests: whether every installed package is the tested (locked) version, and those that are not."""
+    diff = untested()
+    return {"tested_versions": bool(tested_versions()) and not diff, "untested": diff}
