@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from mechcliff.cli import fmt
 from mechcliff.data import atomic_write_text
+from mechcliff.fmt import fmt
 from mechcliff.interventions import parse_head
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from mechcliff.cli import _parser, main
 
+pytestmark = pytest.mark.unit
+
 
 def _commands() -> list[str]:
     sub = next(a for a in _parser()._actions if a.__class__.__name__ == "_SubParsersAction")

@@ -16,6 +16,7 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.mark.organism
 def test_patch_finds_the_planted_heads(run, tmp_path, capsys):
     out = tmp_path / "patch"
     assert main(["patch", str(run), "--out", str(out), "--no-progress", "--n-per-group", "4"]) == 0
@@ -26,6 +27,7 @@ def test_patch_finds_the_planted_heads(run, tmp_path, capsys):
     assert "top heads by normalised effect: " in capsys.readouterr().out
 
 
+@pytest.mark.organism
 def test_sweep_writes_resumable_cells(run, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", str(run), "--out", str(out), "--no-progress", "--ks", "1,3", "--n-random", "0",
@@ -38,6 +40,7 @@ def test_sweep_writes_resumable_cells(run, tmp_path, capsys):
     assert main(argv) == 0 and (out / "cells.jsonl").read_text() == lines  # resumed, nothing recomputed
 
 
+@pytest.mark.organism
 def test_ships_and_sahara(run, tmp_path, capsys):
     out = tmp_path / "ships"
     assert main(["ships", str(run), "--out", str(out), "--no-progress", "--n-per-group", "2", "--sahara", "1"]) == 0
@@ -46,11 +49,13 @@ def test_ships_and_sahara(run, tmp_path, capsys):
     assert (out / "head_importance.html").exists() and (out / "sahara" / "result.json").exists()
 
 
+@pytest.mark.organism
 def test_sweep_rejects_bad_grids_with_the_flag(run, tmp_path, capsys):
     assert main(["sweep", str(run), "--out", str(tmp_path / "s"), "--ks", "1,x"]) == 2
     assert "--ks must be comma-separated numbers" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_tools_need_a_finished_run_folder(tmp_path, capsys):
     assert main(["patch", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert "is not a run folder of 'mechcliff run'" in capsys.readouterr().err
@@ -59,6 +64,7 @@ def test_tools_need_a_finished_run_folder(tmp_path, capsys):
     assert "not a finished run (status 'interrupted')" in capsys.readouterr().err
 
 
+@pytest.mark.organism
 def test_patch_names_the_groups_a_run_has(run, tmp_path, capsys):
     assert main(["patch", str(run), "--out", str(tmp_path / "p"), "--source", "nonsense"]) == 2
     err = capsys.readouterr().err

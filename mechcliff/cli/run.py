@@ -1,0 +1,110 @@
+"""``mechcliff run``: the whole refusal-cliff pipeline (rollouts, probe, trace, attribution, ablation, report).
+
+The logic lives in :mod:`mechcliff.pipeline` (:func:`~mechcliff.pipeline.run_pipeline`); this module turns the flags
+into a :class:`~mechcliff.pipeline.RunConfig` and prints the headline numbers and where the results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mechcliff.cli.common import Handler
+from mechcliff.errors import MechcliffError
+from mechcliff.fmt import fmt
+
+
+def _probe_layer(text: str) -> int | str:
+    return text if text == "best" else int(text)
+
+
+# `mechcliff run` flags for the common RunConfig options: flag -> (field, type, help).
+RUN_FLAGS = {
+    "--max-think-tokens": ("max_think_tokens", int, "thinking budget per rollout, in tokens (0: an empty, closed thinking)"),
+    "--max-answer-tokens": ("max_answer_tokens", int, "answer budget per rollout, in tokens"),
+    "--temperature": ("temperature", float, "sampling temperature (0: greedy, the default)"),
+    "--batch-size": ("batch_size", int, "rows per forward pass and per generation batch"),
+    "--probe-layer": ("probe_layer", _probe_layer, "the probe's layer, or 'best' (held-out accuracy of a layer sweep)"),
+    "--label-source": ("label_source", str, "probe labels: behaviour (refused vs complied), dataset (harmful vs "
+                       "harmless) or auto"),
+    "--top-k": ("ablation_top_k", int, "heads ablated: the K most negative by attribution (default: 3%% of heads)"),
+    "--mode": ("ablation_mode", str, "intervention on those heads: scale_z (default), zero, scale_q, norm_preserving"),
+    "--gamma": ("ablation_gamma", float, "the factor of scale_z / scale_q / norm_preserving (0 ablates; > 1 amplifies)"),
+    "--n-random-sets": ("n_random_sets", int, "random head sets of the same size, as the control"),
+    "--think-format": ("think_format", str, "how the model writes its thinking: auto (default), or a preset: "
+                       "qwen3, qwq, deepseek-r1, phi4-reasoning, hermes4, magistral, seed-oss, organism, default "
+                       "(a custom opener/closer: think_format = {opener = ..., closer = ...} in a --config file)"),
+}
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``run`` to ``sub`` (the ``add_subparsers`` object of the ``mechcliff`` parser)."""
+    r = sub.add_parser(
+        "run", help="run the whole pipeline (rollouts, probe, trace, attribution, ablation, report)",
+        description="Run (or resume) the refusal-cliff pipeline and write DIR/results.json, DIR/report.html, "
+        "DIR/manifest.json and each stage's saved results. Finished stages are not recomputed.",
+    )
+    r.add_argument("--model", default=None,
+                   help="'organism' (built-in, default), 'smollm2-135m-instruct', a local HF folder, a .gguf file, "
+                   "or a Hugging Face id (needs network)")
+    r.add_argument("--out", default=None, help="run folder to write (created if missing; resumed if present)")
+    r.add_argument("--config", default=None, help="JSON or TOML file of RunConfig options (see mechcliff.pipeline)")
+    r.add_argument("--adapter", default=None, help="fine-tuned weights to apply to the model (a folder written by 'mechcliff repair')")
+    r.add_argument("--quick", action="store_true", help="a quick run: 40 prompts per group, shorter generations, 2 random-head sets on real models")
+    r.add_argument("--seed", type=int, default=None, help="seed for generation, probe split and random heads")
+    r.add_argument("--n-per-group", type=int, default=None, help="use at most this many prompts per group")
+    for flag, (field, kind, text) in RUN_FLAGS.items():
+        r.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    r.add_argument("--print-config", action="store_true",
+                   help="print the configuration the run would use (the model's defaults, then --config, then these "
+                   "flags) as JSON, and exit")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--overwrite", action="store_true",
+                   help="the --out folder holds a run with another configuration: recompute the stages that depend "
+                   "on what changed, replacing their results (without it such a folder is refused)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from mechcliff.pipeline import RunConfig, default_config, run_pipeline
+
+    overrides = {"model": args.model, "adapter": args.adapter, "seed": args.seed, "n_per_group": args.n_per_group,
+                 "quick": True if args.quick else None,
+                 **{field: getattr(args, field) for field, _, _ in RUN_FLAGS.values()}}
+    flags = {"seed": "--seed", "n_per_group": "--n-per-group", "model": "--model", "adapter": "--adapter",
+             **{field: flag for flag, (field, _, _) in RUN_FLAGS.items()}}
+    try:
+        if args.config:
+            cfg = RunConfig.from_file(args.config, **overrides)
+        else:
+            cfg = default_config(args.model or "organism", quick=args.quick)
+            for k, v in overrides.items():
+                if v is not None:
+                    setattr(cfg, k, v)
+            cfg.validate("command line")
+    except MechcliffError as exc:  # name the flag the user typed, not the config field behind it
+        msg = str(exc)
+        for field, flag in flags.items():
+            if overrides.get(field) is not None:
+                msg = msg.replace(f"option '{field}'", flag)
+        raise MechcliffError(msg) from None
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    if not args.out:
+        raise MechcliffError("mechcliff run needs --out DIR (the run folder), or --print-config")
+    results = run_pipeline(cfg.model, args.out, config=cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    out = Path(args.out)
+    ab = results["ablation"]
+    print(f"probe: layer {results['probe']['layer']}, val accuracy {fmt(results['probe']['val_accuracy'], 3)}")
+    print(f"top suppression heads: {', '.join(results['attribution']['top_suppression_heads'][:5])}")
+    print(f"ASR before {fmt(ab['asr_before'])}, after ablating {len(ab['heads'])} heads {fmt(ab['asr_after'])}, "
+          f"random heads {fmt(ab['asr_random_heads'])}")
+    print(f"results: {out / 'results.json'}")
+    print(f"report:  {(out / 'report.html').resolve()}")
+    return 0
+
+
+COMMANDS: dict[str, Handler] = {"run": cmd_run}
