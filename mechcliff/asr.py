@@ -12,13 +12,14 @@ per category. Next to every ASR we report the refusal rate on harmless prompts, 
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from mechcliff.controls import random_controls
 from mechcliff.data import Prompt, Rollout
 from mechcliff.interventions import GAMMA_MODES, check_gamma, head_label, intervene, parse_head
+from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 from mechcliff.stats import Rate, rate_by_category
 
@@ -63,7 +64,7 @@ def asr_of(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None) -> dic
             "no_answer": sum(not final_answer(r.response, *answer_tags(r, think)).strip() for r in rollouts)}
 
 
-def probe_judge(handle: Any, probe: Any, threshold: float = 0.5, batch_size: int = 16, enable_thinking: bool = True):
+def probe_judge(handle: ModelHandle, probe: Any, threshold: float = 0.5, batch_size: int = 16, enable_thinking: bool = True):
     """A :class:`~mechcliff.judges.ProbeJudge` reading the model's own refusal intention at ``think_end``."""
     from mechcliff.chat import encode
     from mechcliff.judges import ProbeJudge
@@ -135,15 +136,13 @@ class AblationResult(Result):
                 ("ASR random heads (mean)", f"{self.asr_random_mean:.3f}")]
 
 
-def random_head_sets(handle: Any, k: int, n_sets: int, seed: int, exclude: Sequence[Any] = ()) -> list[list[tuple[int, int]]]:
+def random_head_sets(handle: ModelHandle, k: int, n_sets: int, seed: int, exclude: Sequence[Any] = ()) -> list[list[tuple[int, int]]]:
     """``n_sets`` seeded random sets of ``k`` heads drawn from all heads not in ``exclude``."""
-    excluded = {parse_head(h) for h in exclude}
-    pool = [(l, h) for l in range(handle.n_layers) for h in range(handle.n_heads) if (l, h) not in excluded]
-    return [sorted(random.Random(seed + i).sample(pool, min(k, len(pool)))) for i in range(n_sets)]
+    return random_controls(handle.n_layers, handle.n_heads, k, n_sets, seed, exclude=[parse_head(h) for h in exclude])
 
 
 def ablation_experiment(
-    handle: Any,
+    handle: ModelHandle,
     heads: Sequence[Any],
     attack_prompts: Sequence[Prompt],
     harmless_prompts: Sequence[Prompt],

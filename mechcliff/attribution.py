@@ -17,18 +17,22 @@ Heads in layers after ``L`` have no direct effect on the probe and are NaN.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from mechcliff.chat import EncodedBatch
-from mechcliff.interventions import head_label
+from mechcliff.head_scores import PerHeadScores, head_label, rank_heads
+from mechcliff.model.capture import act_name, capture
 from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 
 @dataclasses.dataclass
-class HeadAttribution(Result):
+class HeadAttribution(PerHeadScores, Result):
     """Per-example and mean DPA of every head, plus embedding, MLP and bias terms."""
 
     KIND: ClassVar[str] = "head_attribution"
@@ -43,11 +47,6 @@ class HeadAttribution(Result):
     exact: bool = True
     model_id: str = ""
     groups: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Mean contribution of each head over examples, ``[layer, head]`` (NaN after the probe layer)."""
-        return self.per_example.mean(0)
 
     @property
     def total(self) -> np.ndarray:
@@ -65,10 +64,7 @@ class HeadAttribution(Result):
 
     def ranked_heads(self, sign: str = "neg") -> list[tuple[int, int]]:
         """Heads sorted by mean contribution: most negative first (``sign="neg"``) or most positive first."""
-        m = self.mean
-        flat = [(float(m[l, h]), (l, h)) for l in range(m.shape[0]) for h in range(m.shape[1]) if np.isfinite(m[l, h])]
-        flat.sort(key=lambda t: t[0], reverse=(sign == "pos"))
-        return [h for _, h in flat]
+        return rank_heads(self.mean, descending=(sign == "pos"))
 
     def top(self, k: int, sign: str = "neg") -> list[str]:
         """Labels (``"L2H3"``) of the ``k`` strongest suppression (``neg``) or promotion (``pos``) heads."""
@@ -78,7 +74,7 @@ class HeadAttribution(Result):
         import pandas as pd
 
         m = self.mean
-        rows = [{"head": f"L{l}H{h}", "layer": l, "index": h, "mean": float(m[l, h]),
+        rows = [{"head": head_label((l, h)), "layer": l, "index": h, "mean": float(m[l, h]),
                  "std": float(np.nanstd(self.per_example[:, l, h]))}
                 for l in range(m.shape[0]) for h in range(m.shape[1])]
         return pd.DataFrame(rows)
@@ -96,7 +92,7 @@ class HeadAttribution(Result):
 
 @torch.no_grad()
 def direct_probe_attribution(
-    handle: Any, batch: EncodedBatch, probe: Any, *, position: Any = "think_end", batch_size: int = 16,
+    handle: ModelHandle, batch: EncodedBatch, probe: Any, *, position: Any = "think_end", batch_size: int = 16,
     groups: list[str] | None = None,
 ) -> HeadAttribution:
     """DPA of every head (and embedding / MLP / bias terms) at one position per example.
@@ -129,36 +125,26 @@ def direct_probe_attribution(
     mlp = np.zeros((n, handle.n_layers))
     embed = np.zeros(n)
     logit = np.zeros(n)
-    for s in range(0, n, batch_size):
-        rows_idx = keep[s:s + batch_size]
-        toks, mask = batch.tokens[rows_idx], batch.attention_mask[rows_idx]
-        p = pos_all[rows_idx]
-        ar = torch.arange(len(rows_idx))
-        store: dict[str, Any] = {}
+    def project(v: torch.Tensor) -> Any:
+        return lambda x, where: (x.float() @ v.to(x.device)).double()
 
-        def on_z(z: torch.Tensor, hook: Any) -> None:
-            l = int(hook.name.split(".")[1])
-            store[f"z{l}"] = torch.einsum("bhd,hd->bh", z[ar, p].float(), u[l]).double().cpu()
+    def heads(l: int) -> Any:
+        return lambda z, where: torch.einsum("bhd,hd->bh", z.float(), u[l].to(z.device)).double()
 
-        def on_mlp(x: torch.Tensor, hook: Any) -> None:
-            store[f"m{int(hook.name.split('.')[1])}"] = (x[ar, p].float() @ w).double().cpu()
-
-        def on_embed(x: torch.Tensor, hook: Any) -> None:
-            store["embed"] = (x[ar, p].float() @ w).double().cpu()
-
-        def on_resid(x: torch.Tensor, hook: Any) -> None:
-            store["logit"] = (x[ar, p].float() @ w + probe.b).double().cpu()
-
-        hooks = [(f"blocks.{l}.attn.hook_z", on_z) for l in range(L + 1)]
-        hooks += [(f"blocks.{l}.hook_mlp_out", on_mlp) for l in range(L + 1)]
-        hooks += [("blocks.0.hook_resid_pre", on_embed), (probe.hook_name, on_resid)]
-        handle.bridge.run_with_hooks(toks, attention_mask=mask, fwd_hooks=hooks, stop_at_layer=L + 1)
-        sl = slice(s, s + len(rows_idx))
+    readers = {act_name("z", l): heads(l) for l in range(L + 1)}
+    readers |= {act_name("mlp_out", l): project(w) for l in range(L + 1)}
+    readers[act_name("resid_pre", 0)] = project(w)
+    readers[probe.hook_name] = lambda x, where: (x.float() @ w.to(x.device) + probe.b).double()
+    s = 0
+    for chunk in capture(handle, batch, readers, at=pos_all, rows=keep, batch_size=batch_size):
+        v = chunk.values
+        sl = slice(s, s + len(chunk.where.index))
+        s = sl.stop
         for l in range(L + 1):
-            per_example[sl, l] = store[f"z{l}"].numpy()
-            mlp[sl, l] = store[f"m{l}"].numpy()
-        embed[sl] = store["embed"].numpy()
-        logit[sl] = store["logit"].numpy()
+            per_example[sl, l] = v[act_name("z", l)].numpy()
+            mlp[sl, l] = v[act_name("mlp_out", l)].numpy()
+        embed[sl] = v[act_name("resid_pre", 0)].numpy()
+        logit[sl] = v[probe.hook_name].numpy()
     return HeadAttribution(
         per_example=per_example, mlp=mlp, embed=embed, attn_bias=np.full(n, bias), logit=logit,
         probe_bias=float(probe.b), probe_layer=L, positions=[int(pos_all[i]) for i in keep],

@@ -28,13 +28,17 @@ answer budgets to the context, so its rollouts always encode.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Int
 
 from mechcliff.errors import MechcliffError
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 ANCHORS = ("think_end", "think_close", "prompt_end", "answer_start", "last")
 SEGMENTS = ("prefix", "prompt", "thinking", "closing", "answer")
@@ -91,6 +95,45 @@ class EncodedBatch:
                 out.append(c1 - 1 if c1 > c0 else sp["prefix"][1] - 1)
         return torch.tensor(out, dtype=torch.long)
 
+    def require(self, anchor: "str | int | Sequence[int] | torch.Tensor", what: str = "the requested position"
+                ) -> Int[torch.Tensor, " batch"]:
+        """:meth:`position`, refusing a batch in which some example lacks it (e.g. a thinking that never closed)."""
+        pos = self.position(anchor)
+        missing = (pos < 0).nonzero().flatten().tolist()
+        if missing:
+            raise MechcliffError(
+                f"{len(missing)} example(s) lack {what} ({anchor!r} if a name; e.g. example {missing[0]}: a thinking "
+                "that never closed); use position='last' or drop them first"
+            )
+        return pos
+
+    def __getitem__(self, index: "int | slice | Sequence[int] | torch.Tensor") -> "EncodedBatch":
+        """The examples ``index`` (a slice, indices or a boolean mask) as a batch, with the same padded length."""
+        if isinstance(index, int):
+            index = [index]
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        else:
+            t = torch.as_tensor(index)
+            rows = (t.nonzero().flatten() if t.dtype == torch.bool else t.reshape(-1)).tolist()
+        idx = torch.tensor(rows, dtype=torch.long)
+        return EncodedBatch(
+            tokens=self.tokens[idx], attention_mask=self.attention_mask[idx], spans=[self.spans[i] for i in rows],
+            has_think_close=[self.has_think_close[i] for i in rows],
+            pad_lengths=[self.pad_lengths[i] for i in rows] if self.pad_lengths else [],
+        )
+
+    def chunks(self, size: int) -> "Iterator[EncodedBatch]":
+        """Consecutive sub-batches of at most ``size`` examples."""
+        if int(size) < 1:
+            raise MechcliffError(f"a chunk needs at least one example, got size={size}")
+        for s in range(0, len(self), int(size)):
+            yield self[s:s + int(size)]
+
+    def to(self, device: "torch.device | str") -> "EncodedBatch":
+        """The same batch with its tensors on ``device`` (spans stay host-side lists)."""
+        return dataclasses.replace(self, tokens=self.tokens.to(device), attention_mask=self.attention_mask.to(device))
+
     def segment_mask(self, name: str) -> Bool[torch.Tensor, "batch pos"]:
         if name not in SEGMENTS:
             raise MechcliffError(f"unknown segment {name!r}; use one of {', '.join(SEGMENTS)}")
@@ -138,7 +181,7 @@ def _ensure_one_bos(tokenizer: Any, ids: list[int]) -> list[int]:
 
 
 def encode(
-    handle: Any,
+    handle: ModelHandle,
     prompts: Sequence[str],
     *,
     thinking: Sequence[str | None] | None = None,

@@ -32,7 +32,7 @@ the other prompts' rollouts are exactly what they would be without them.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +41,7 @@ from mechcliff.chat import encode
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
 from mechcliff.judges import final_answer
+from mechcliff.model.capture import to_device
 
 
 class ContextLengthWarning(UserWarning):
@@ -104,7 +105,7 @@ def _eos_ids(tok) -> list[int]:
 def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[int], stop_strings: list[str] | None,
               seed: int = 0):
     kwargs = dict(
-        attention_mask=batch.attention_mask, max_new_tokens=max_new, eos_token_id=stop_ids,
+        attention_mask=to_device(handle, batch.attention_mask), max_new_tokens=max_new, eos_token_id=stop_ids,
         pad_token_id=handle.tokenizer.pad_token_id, do_sample=temperature > 0,
     )
     if temperature > 0:
@@ -115,7 +116,7 @@ def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[in
         kwargs.update(stop_strings=stop_strings, tokenizer=handle.tokenizer)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded per batch; the caller's RNG is untouched
         torch.manual_seed(seed)
-        out = handle.hf_model.generate(batch.tokens.to(handle.device), **kwargs)
+        out = handle.hf_model.generate(to_device(handle, batch.tokens), **kwargs)
     return out[:, batch.tokens.shape[1]:].cpu()
 
 
@@ -243,8 +244,8 @@ def generate_rollouts(
             raw, ended = _decode(tok, new[j], eos)
             answer = final_answer(raw, fmt.close_tag, fmt.open_tag)  # think tags in the answer are not the answer
             p = items[i]
-            meta = {"closed_by_model": closed_by_model[j], "answer_ended": ended, "temperature": temperature,
-                    "seed": seed, "enable_thinking": enable_thinking}
+            meta: dict[str, Any] = {"closed_by_model": closed_by_model[j], "answer_ended": ended,
+                                    "temperature": temperature, "seed": seed, "enable_thinking": enable_thinking}
             if answer != raw:
                 meta["raw_response"] = raw
             if (fmt.open_tag, fmt.close_tag) != ("<think>", "</think>"):  # judged with these (mechcliff.asr)

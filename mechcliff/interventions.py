@@ -30,11 +30,16 @@ import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from mechcliff.errors import MechcliffError
+from mechcliff.head_scores import head_label
+from mechcliff.model.capture import act_name, capture
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 MODES = ("scale_z", "zero", "mean", "scale_q", "norm_preserving")
 GAMMA_MODES = ("scale_z", "scale_q", "norm_preserving")
@@ -54,12 +59,7 @@ def parse_head(label: "str | Sequence[int]") -> Head:
             return int(layer), int(head)
         except ValueError:
             raise MechcliffError(f"cannot read head {label!r}: write heads as 'L<layer>H<head>'") from None
-    layer, head = label
-    return int(layer), int(head)
-
-
-def head_label(head: Head) -> str:
-    return f"L{head[0]}H{head[1]}"
+    return int(label[0]), int(label[1])
 
 
 @dataclass
@@ -99,7 +99,7 @@ def check_gamma(mode: str, gamma: float | None) -> float:
     return g
 
 
-def validate(handle: Any, heads: Sequence[Any], mode: str, gamma: float | None = None) -> list[Head]:
+def validate(handle: ModelHandle, heads: Sequence[Any], mode: str, gamma: float | None = None) -> list[Head]:
     """Check ``mode``, its ``gamma`` (:func:`check_gamma`) and ``heads`` against the model; returns parsed heads."""
     check_gamma(mode, gamma)
     out = []
@@ -116,7 +116,7 @@ def validate(handle: Any, heads: Sequence[Any], mode: str, gamma: float | None =
 
 @contextlib.contextmanager
 def intervene(
-    handle: Any, heads: Sequence[Any], *, mode: str = "scale_z", gamma: float | None = None, mean_z: Any = None
+    handle: ModelHandle, heads: Sequence[Any], *, mode: str = "scale_z", gamma: float | None = None, mean_z: Any = None
 ) -> Iterator[HeadIntervention]:
     """Apply ``mode`` to ``heads`` for the duration of the ``with`` block (forward passes and generation).
 
@@ -155,23 +155,23 @@ def intervene(
     for layer, hs in sorted(by_layer.items()):
         idx = torch.tensor(sorted(set(hs)), dtype=torch.long)
         if mode in ("scale_z", "zero"):
-            hooks.append((f"blocks.{layer}.attn.hook_z", _scale_hook(idx, g)))
+            hooks.append((act_name("z", layer), _scale_hook(idx, g)))
         elif mode == "mean":
-            hooks.append((f"blocks.{layer}.attn.hook_z", _mean_hook(idx, torch.as_tensor(mean_z)[layer])))
+            hooks.append((act_name("z", layer), _mean_hook(idx, torch.as_tensor(mean_z)[layer])))
         elif mode == "scale_q":
             hooks.append((_query_hook_name(handle, layer), _scale_hook(idx, g)))
         else:
-            hooks.append((f"blocks.{layer}.attn.hook_z", _norm_preserving_hook(idx, g)))
+            hooks.append((act_name("z", layer), _norm_preserving_hook(idx, g)))
     spec = HeadIntervention(heads=parsed, mode=mode, gamma=g, mean_z=mean_z)
     with handle.bridge.hooks(fwd_hooks=hooks):
         yield spec
 
 
-def _query_hook_name(handle: Any, layer: int) -> str:
+def _query_hook_name(handle: ModelHandle, layer: int) -> str:
     """The last hook on the queries before the scores: after rotary (and after Qwen3/Gemma3 query norms, which
     would undo a scaling applied before them); plain ``hook_q`` where the architecture has no rotary hook."""
-    name = f"blocks.{layer}.attn.hook_rot_q"
-    return name if name in handle.bridge.hook_dict else f"blocks.{layer}.attn.hook_q"
+    name = act_name("rot_q", layer)
+    return name if name in handle.bridge.hook_dict else act_name("q", layer)
 
 
 def _scale_hook(idx: torch.Tensor, gamma: float):
@@ -207,22 +207,17 @@ def _norm_preserving_hook(idx: torch.Tensor, gamma: float):
 
 
 @torch.no_grad()
-def mean_head_outputs(handle: Any, batch: Any, batch_size: int = 16) -> torch.Tensor:
+def mean_head_outputs(handle: ModelHandle, batch: Any, batch_size: int = 16) -> torch.Tensor:
     """Mean ``z`` of every head over the real (unpadded) tokens of ``batch``: ``[n_layers, n_heads, d_head]``."""
     total = torch.zeros(handle.n_layers, handle.n_heads, handle.d_head, dtype=torch.float64)
     count = 0
-    for s in range(0, len(batch), batch_size):
-        toks = batch.tokens[s:s + batch_size]
-        mask = batch.attention_mask[s:s + batch_size].bool()
-        store: dict[int, torch.Tensor] = {}
 
-        def grab(z: torch.Tensor, hook: Any) -> None:
-            layer = int(hook.name.split(".")[1])
-            store[layer] = z[mask].double().sum(0)
+    def summed(z: torch.Tensor, where: Any) -> torch.Tensor:
+        return z[where.mask_on(z)].double().sum(0)
 
-        hooks = [(f"blocks.{l}.attn.hook_z", grab) for l in range(handle.n_layers)]
-        handle.bridge.run_with_hooks(toks, attention_mask=batch.attention_mask[s:s + batch_size], fwd_hooks=hooks)
-        for layer, v in store.items():
-            total[layer] += v
-        count += int(mask.sum())
+    names = [act_name("z", l) for l in range(handle.n_layers)]
+    for chunk in capture(handle, batch, {n: summed for n in names}, batch_size=batch_size):
+        for layer, n in enumerate(names):
+            total[layer] += chunk.values[n]
+        count += int(chunk.where.attention_mask.bool().sum())
     return (total / max(count, 1)).float()

@@ -38,6 +38,7 @@ import numpy as np
 
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
+from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 from mechcliff.stats import Rate
 
@@ -49,7 +50,7 @@ _PROBE_TEXT = "How do I bake bread?"
 # --------------------------------------------------------------------------- what "thinking off" means
 
 
-def thinking_switch(handle: Any) -> bool:
+def thinking_switch(handle: ModelHandle) -> bool:
     """Whether the chat template knows ``enable_thinking``: it renders a prompt differently with it True and False."""
     from mechcliff.chat import render_prompt
 
@@ -57,7 +58,7 @@ def thinking_switch(handle: Any) -> bool:
     return render_prompt(tok, _PROBE_TEXT, enable_thinking=True) != render_prompt(tok, _PROBE_TEXT, enable_thinking=False)
 
 
-def check_no_think_format(handle: Any, no_think_format: str) -> str:
+def check_no_think_format(handle: ModelHandle, no_think_format: str) -> str:
     """Validate ``no_think_format`` for this model; ``"template"`` needs a template with a thinking switch."""
     if no_think_format not in NO_THINK_FORMATS:
         raise MechcliffError(f"no_think_format must be one of {', '.join(NO_THINK_FORMATS)}, not {no_think_format!r}")
@@ -83,7 +84,7 @@ def _as_prompts(prompts: Sequence[Any], group: str) -> list[Prompt]:
     return out
 
 
-def generate_mode_rollouts(handle: Any, prompts: Sequence[Any], *, thinking: bool, no_think_format: str = "template",
+def generate_mode_rollouts(handle: ModelHandle, prompts: Sequence[Any], *, thinking: bool, no_think_format: str = "template",
                            **gen: Any) -> list[Rollout]:
     """Rollouts in one mode. Thinking on: :func:`~mechcliff.generation.generate_rollouts`. Thinking off: the
     template's own switch, an empty thinking block written by mechcliff, or no block (see the module docstring).
@@ -107,7 +108,7 @@ def generate_mode_rollouts(handle: Any, prompts: Sequence[Any], *, thinking: boo
     return rolls
 
 
-def _generate_after_empty_block(handle: Any, items: list[Prompt], *, max_answer_tokens: int = 48,
+def _generate_after_empty_block(handle: ModelHandle, items: list[Prompt], *, max_answer_tokens: int = 48,
                                 temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
                                 system: str | None = None, progress: bool = True, desc: str = "generating",
                                 **_ignored: Any) -> list[Rollout]:
@@ -136,7 +137,7 @@ def _generate_after_empty_block(handle: Any, items: list[Prompt], *, max_answer_
     return [r for r in out if r is not None]
 
 
-def encode_mode(handle: Any, rollouts: Sequence[Rollout], *, thinking: bool, no_think_format: str = "template",
+def encode_mode(handle: ModelHandle, rollouts: Sequence[Rollout], *, thinking: bool, no_think_format: str = "template",
                 answers: bool = True) -> Any:
     """Encode rollouts of one mode token-exactly (as they were generated); ``answers=False`` drops the answers."""
     from mechcliff.chat import encode
@@ -147,7 +148,7 @@ def encode_mode(handle: Any, rollouts: Sequence[Rollout], *, thinking: bool, no_
                   has_think_close=[r.has_think_close for r in rollouts], enable_thinking=enable)
 
 
-def encode_prompts_mode(handle: Any, prompts: Sequence[Any], *, thinking: bool, no_think_format: str = "template") -> Any:
+def encode_prompts_mode(handle: ModelHandle, prompts: Sequence[Any], *, thinking: bool, no_think_format: str = "template") -> Any:
     """The generation prompts of one mode (thinking on: ending with the think opener; off: the empty block, or
     nothing for ``"omit"``), ready for a forward pass at a template position."""
     from mechcliff.chat import encode
@@ -165,7 +166,7 @@ def encode_prompts_mode(handle: Any, prompts: Sequence[Any], *, thinking: bool, 
 # --------------------------------------------------------------------------- the probe
 
 
-def fit_rollout_probe(handle: Any, harmful: Sequence[Rollout], harmless: Sequence[Rollout], *, judge: Any = None,
+def fit_rollout_probe(handle: ModelHandle, harmful: Sequence[Rollout], harmless: Sequence[Rollout], *, judge: Any = None,
                       label_source: str = "auto", thinking: bool = True, no_think_format: str = "template",
                       position: Any = "think_end", seed: int = 0, batch_size: int = 16, log: Any = None) -> Any:
     """A refusal probe on harmless + harmful rollouts of one mode, as :mod:`mechcliff.pipeline` fits it.
@@ -174,9 +175,9 @@ def fit_rollout_probe(handle: Any, harmful: Sequence[Rollout], harmless: Sequenc
     4 examples, else dataset labels (harmful = 1). ``position`` may be an anchor or a per-example tensor."""
     from mechcliff.data import content_hash
     from mechcliff.judges import get_judge
-    from mechcliff.probe import fit_probe
+    from mechcliff.probe import LABEL_SOURCES, choose_labels, fit_probe
 
-    if label_source not in ("auto", "behaviour", "dataset"):
+    if label_source not in LABEL_SOURCES:
         raise MechcliffError(f"label_source must be auto, behaviour or dataset, not {label_source!r}")
     judge = judge or get_judge("refusal")
     pool = list(harmless) + list(harmful)
@@ -186,13 +187,9 @@ def fit_rollout_probe(handle: Any, harmful: Sequence[Rollout], harmless: Sequenc
 
     behaviour = [int(f) for f in refusal_flags(pool, judge)]
     dataset = [0] * len(harmless) + [1] * len(harmful)
-    source = label_source
-    if source == "auto":
-        counts = np.bincount(behaviour, minlength=2)
-        source = "behaviour" if counts.min() >= 4 else "dataset"
-        if source == "dataset" and log:
-            log(f"[probe] the model refused {counts[1]} of {len(pool)}: using dataset labels (harmful vs harmless)")
-    labels = behaviour if source == "behaviour" else dataset
+    labels, source, note = choose_labels(behaviour, dataset, label_source)
+    if note and log:
+        log(f"[probe] {note}")
     batch = encode_mode(handle, pool, thinking=thinking, no_think_format=no_think_format)
     return fit_probe(handle, batch, labels, position=position, seed=seed, label_source=source, batch_size=batch_size,
                      provenance={"rollouts_hash": content_hash([r.to_dict() for r in pool]),
@@ -358,7 +355,7 @@ class ModeComparison(Result):
 
 
 def compare_modes(
-    handle: Any,
+    handle: ModelHandle,
     harmful_prompts: Sequence[Any],
     harmless_prompts: Sequence[Any],
     probe: Any = None,

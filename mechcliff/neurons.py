@@ -38,15 +38,17 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from mechcliff.controls import layer_counts, random_controls
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
+from mechcliff.model.capture import act_name, capture
+from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 from mechcliff.stats import Rate
 
@@ -95,15 +97,15 @@ REASONING_PROMPTS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- neurons and hooks
 
 
-def mlp_hook_name(handle: Any, layer: int) -> str:
+def mlp_hook_name(handle: ModelHandle, layer: int) -> str:
     """The hook holding layer ``layer``'s MLP neuron activations (the input of its output projection)."""
-    name = f"blocks.{layer}.mlp.hook_post"
+    name = act_name("mlp_post", layer)
     if name not in handle.bridge.hook_dict:
         raise MechcliffError(f"{handle.model_id} has no MLP neuron hook {name} (an architecture without an MLP?)")
     return name
 
 
-def d_mlp(handle: Any) -> int:
+def d_mlp(handle: ModelHandle) -> int:
     """MLP width (neurons per layer)."""
     return int(handle.bridge.cfg.d_mlp)
 
@@ -119,15 +121,15 @@ def parse_neuron(label: "str | Sequence[int]") -> tuple[int, int]:
         try:
             if not s.startswith("L") or "N" not in s:
                 raise ValueError
-            layer, idx = s[1:].split("N", 1)
-            return int(layer), int(idx)
+            layer_s, idx_s = s[1:].split("N", 1)
+            return int(layer_s), int(idx_s)
         except ValueError:
             raise MechcliffError(f"cannot read neuron {label!r}: write neurons as 'L<layer>N<index>', e.g. 'L3N17'") from None
     layer, idx = label
     return int(layer), int(idx)
 
 
-def check_neurons(handle: Any, neurons: Sequence[Any]) -> list[tuple[int, int]]:
+def check_neurons(handle: ModelHandle, neurons: Sequence[Any]) -> list[tuple[int, int]]:
     out = []
     width = d_mlp(handle)
     for n in neurons:
@@ -140,7 +142,7 @@ def check_neurons(handle: Any, neurons: Sequence[Any]) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def ablate_neurons(handle: Any, neurons: Sequence[Any], value: float = 0.0) -> Iterator[list[tuple[int, int]]]:
+def ablate_neurons(handle: ModelHandle, neurons: Sequence[Any], value: float = 0.0) -> Iterator[list[tuple[int, int]]]:
     """Set ``neurons`` (``(layer, index)`` or ``"L3N17"``) to ``value`` (0: zero-ablation) in every forward pass and
     generation step inside the ``with`` block. Weights are never modified."""
     parsed = check_neurons(handle, neurons)
@@ -163,7 +165,7 @@ def ablate_neurons(handle: Any, neurons: Sequence[Any], value: float = 0.0) -> I
 
 
 @torch.no_grad()
-def maxpooled_activations(handle: Any, batch: Any, *, span: str = "all", batch_size: int = 16) -> np.ndarray:
+def maxpooled_activations(handle: ModelHandle, batch: Any, *, span: str = "all", batch_size: int = 16) -> np.ndarray:
     """Every MLP neuron's activation max-pooled over the tokens of each example: ``[n, n_layers, d_mlp]``.
 
     ``span="all"``: every real token (request + response, the paper's choice); ``"continuation"``: only the tokens
@@ -173,29 +175,27 @@ def maxpooled_activations(handle: Any, batch: Any, *, span: str = "all", batch_s
     n, L = len(batch), handle.n_layers
     out = np.zeros((n, L, d_mlp(handle)), dtype=np.float32)
     names = [mlp_hook_name(handle, l) for l in range(L)]
-    for s in range(0, n, batch_size):
-        toks, mask = batch.tokens[s:s + batch_size], batch.attention_mask[s:s + batch_size].bool()
-        if span == "continuation":
-            keep = torch.zeros_like(mask)
-            for j in range(toks.shape[0]):
-                keep[j, batch.spans[s + j]["prefix"][1]:] = True
-            mask = mask & keep
-            if not mask.any(1).all():
-                raise MechcliffError("an example has no continuation tokens (empty thinking and answer)")
-        store: dict[int, torch.Tensor] = {}
+    pooled = batch.attention_mask.bool()  # the tokens max-pooled over, per example
+    if span == "continuation":
+        keep = torch.zeros_like(pooled)
+        for j in range(n):
+            keep[j, batch.spans[j]["prefix"][1]:] = True
+        pooled = pooled & keep
+        if not pooled.any(1).all():
+            raise MechcliffError("an example has no continuation tokens (empty thinking and answer)")
 
-        def grab(x: torch.Tensor, hook: Any) -> None:
-            m = mask.to(x.device)[..., None]
-            store[int(hook.name.split(".")[1])] = x.float().masked_fill(~m, float("-inf")).amax(1).cpu()
+    def read(x: torch.Tensor, where: Any) -> torch.Tensor:
+        m = pooled[where.index].to(x.device)[..., None]
+        return x.float().masked_fill(~m, float("-inf")).amax(1)
 
-        handle.bridge.run_with_hooks(toks.to(handle.device), attention_mask=batch.attention_mask[s:s + batch_size].to(handle.device),
-                                     fwd_hooks=[(nm, grab) for nm in names])
-        for l in range(L):
-            out[s:s + toks.shape[0], l] = store[l].numpy()
+    for chunk in capture(handle, batch, {nm: read for nm in names}, batch_size=batch_size):
+        rows = chunk.where.index.numpy()
+        for l, nm in enumerate(names):
+            out[rows, l] = chunk.values[nm].numpy()
     return out
 
 
-def _encode_inputs(handle: Any, inputs: Sequence[Any]) -> Any:
+def _encode_inputs(handle: ModelHandle, inputs: Sequence[Any]) -> Any:
     """Rollouts -> prompt + thinking + answer; prompts (str / Prompt) -> the rendered generation prompt."""
     from mechcliff.chat import encode
     from mechcliff.generation import encode_rollouts
@@ -261,31 +261,9 @@ def random_neuron_sets(n_layers: int, width: int, neurons: Sequence[Any], n_sets
     """``n_sets`` seeded random neuron sets of the size of ``neurons``, never containing one of them; with
     ``match_layers`` the same number in each layer as ``neurons``."""
     parsed = [parse_neuron(n) for n in neurons]
-    excluded = set(parsed)
-    out = []
-    for i in range(n_sets):
-        rng = random.Random(seed + i)
-        if match_layers:
-            chosen: list[tuple[int, int]] = []
-            counts: dict[int, int] = {}
-            for l, _ in parsed:
-                counts[l] = counts.get(l, 0) + 1
-            for l, c in sorted(counts.items()):
-                pool = [j for j in range(width) if (l, j) not in excluded]
-                chosen += [(l, j) for j in rng.sample(pool, min(c, len(pool)))]
-        else:
-            total = n_layers * width
-            k = min(len(parsed), total - len(excluded))
-            chosen = []
-            seen: set[tuple[int, int]] = set()
-            while len(chosen) < k:
-                f = rng.randrange(total)
-                nj = (f // width, f % width)
-                if nj not in excluded and nj not in seen:
-                    seen.add(nj)
-                    chosen.append(nj)
-        out.append(sorted(chosen))
-    return out
+    k = layer_counts(parsed) if match_layers else len(parsed)
+    return random_controls(n_layers, width, k, n_sets, seed, exclude=parsed,
+                           method="sample" if match_layers else "reject")
 
 
 # --------------------------------------------------------------------------- critical neurons
@@ -354,7 +332,7 @@ class CriticalNeurons(Result):
 
 
 def critical_neurons(
-    handle: Any,
+    handle: ModelHandle,
     harmful_prompts: Sequence[Any],
     *,
     counterfactuals: Sequence[Any] | None = None,
@@ -391,11 +369,11 @@ def critical_neurons(
         raise MechcliffError(f"m must be a positive integer (the number of top neurons per pair), got {m!r}")
     judge = judge or get_judge("refusal")
     # thinking off = no think block at all, as before max_think_tokens=0 came to mean an empty, closed thinking
-    gen = dict(max_think_tokens=max_think_tokens if thinking else 0, omit_thinking=not thinking,
-               max_answer_tokens=max_answer_tokens, seed=seed, batch_size=batch_size, progress=progress)
     acts, mis = [], {}
     for name, items in (("D", D), ("D_tilde", Dt)):
-        rolls = generate_rollouts(handle, items, desc=f"pairs ({name})", **gen)
+        rolls = generate_rollouts(handle, items, max_think_tokens=max_think_tokens if thinking else 0,
+                                  omit_thinking=not thinking, max_answer_tokens=max_answer_tokens, seed=seed,
+                                  batch_size=batch_size, progress=progress, desc=f"pairs ({name})")
         refused = refusal_flags(rolls, judge)
         mis[name] = Rate.of(sum(not f for f in refused), len(rolls)).to_dict()
         acts.append(maxpooled_activations(handle, encode_rollouts(handle, rolls), span=span, batch_size=batch_size))
@@ -493,7 +471,7 @@ class NeuronAblation(Result):
 
 
 def neuron_ablation(
-    handle: Any,
+    handle: ModelHandle,
     neurons: Sequence[Any],
     harmful_prompts: Sequence[Any],
     harmless_prompts: Sequence[Any],
@@ -585,7 +563,7 @@ def reciprocal_activation_shift(a0_safe: Any, at_safe: Any, a0_math: Any, at_mat
             "n_invalid_math": bad_math}
 
 
-def check_same_width(base: Any, other: Any) -> None:
+def check_same_width(base: ModelHandle, other: ModelHandle) -> None:
     """Two models compared neuron by neuron must have the same layers and MLP width."""
     a = (base.n_layers, d_mlp(base))
     b = (other.n_layers, d_mlp(other))
@@ -596,13 +574,13 @@ def check_same_width(base: Any, other: Any) -> None:
             "base model and its fine-tuned version")
 
 
-def mean_activations(handle: Any, inputs: Sequence[Any], *, batch_size: int = 16) -> np.ndarray:
+def mean_activations(handle: ModelHandle, inputs: Sequence[Any], *, batch_size: int = 16) -> np.ndarray:
     """Every neuron's max-pooled activation averaged over ``inputs`` (prompts or rollouts): ``[n_layers, d_mlp]``."""
     return maxpooled_activations(handle, _encode_inputs(handle, inputs), batch_size=batch_size).mean(0)
 
 
 def ras_on_sets(base_safe: np.ndarray, base_math: np.ndarray, ft_safe: np.ndarray, ft_math: np.ndarray,
-                sets: dict[str, Sequence[tuple[int, int]]], invalid: str = "skip") -> dict[str, dict[str, float]]:
+                sets: Mapping[str, Sequence[tuple[int, int]]], invalid: str = "skip") -> dict[str, dict[str, float]]:
     """RAS of each named neuron set from ``[n_layers, d_mlp]`` mean activations of both models."""
     out = {}
     for name, ns in sets.items():
@@ -613,7 +591,7 @@ def ras_on_sets(base_safe: np.ndarray, base_math: np.ndarray, ft_safe: np.ndarra
     return out
 
 
-def load_checkpoint(base_spec: str, path: "str | os.PathLike[str]", **kwargs: Any) -> Any:
+def load_checkpoint(base_spec: str, path: "str | os.PathLike[str]", **kwargs: Any) -> ModelHandle:
     """A fine-tuned checkpoint: a model folder (``config.json``) loads on its own; anything else is an adapter
     (LoRA or full weights, e.g. ``finetune``'s ``adapter/`` or ``checkpoints/step-N``) applied to ``base_spec``."""
     from mechcliff.model.loading import load_model
@@ -748,7 +726,7 @@ class RASSeries(Result):
 
 
 def ras_series(
-    base: Any,
+    base: "str | os.PathLike[str] | ModelHandle",
     checkpoints: Sequence["str | os.PathLike[str]"],
     neurons: Sequence[Any],
     *,
@@ -795,7 +773,7 @@ def ras_series(
     safety_texts = [x.prompt if isinstance(x, Rollout) else x.text if isinstance(x, Prompt) else x for x in safety_inputs]
     kl_batch = encode(base_handle, safety_texts)
 
-    def measure(h: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any], torch.Tensor]:
+    def measure(h: ModelHandle) -> tuple[np.ndarray, np.ndarray, dict[str, Any], torch.Tensor]:
         safe = mean_activations(h, safety_inputs, batch_size=batch_size)
         math_ = mean_activations(h, reasoning_inputs, batch_size=batch_size)
         rolls = generate_rollouts(h, harmful, desc="misalignment", **gen)

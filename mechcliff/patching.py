@@ -19,14 +19,19 @@ source behaviour, 0 = no effect. :func:`patch_heads_reference` is the exact one-
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from mechcliff.chat import EncodedBatch
 from mechcliff.errors import MechcliffError
+from mechcliff.head_scores import PerHeadScores
+from mechcliff.model.capture import act_name, forward, layer_of
 from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 
 def _token_id(value: Any, who: str) -> int:
@@ -48,7 +53,7 @@ class ProbeMetric:
                                  f"{type(probe).__name__} (it has no {', '.join(lacking)})")
         self.probe = probe
 
-    def stop_at_layer(self, handle: Any) -> int | None:
+    def stop_at_layer(self, handle: ModelHandle) -> int | None:
         return self.probe.layer + 1
 
     def hooks(self, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
@@ -72,7 +77,7 @@ class LogitDiffMetric:
     def __init__(self, token_a: int, token_b: int):
         self.a, self.b = _token_id(token_a, "LogitDiffMetric"), _token_id(token_b, "LogitDiffMetric")
 
-    def stop_at_layer(self, handle: Any) -> int | None:
+    def stop_at_layer(self, handle: ModelHandle) -> int | None:
         return None
 
     def hooks(self, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
@@ -96,7 +101,7 @@ class RefusalLogOddsMetric:
         ids = sorted(set(_token_id(i, "RefusalLogOddsMetric") for i in given))
         self.ids = torch.tensor(ids, dtype=torch.long)
 
-    def stop_at_layer(self, handle: Any) -> int | None:
+    def stop_at_layer(self, handle: ModelHandle) -> int | None:
         return None
 
     def hooks(self, positions: torch.Tensor, store: dict[str, torch.Tensor]) -> list[tuple[str, Any]]:
@@ -142,8 +147,8 @@ def resolve_metric(metric: Any) -> Any:
                                  "(mechcliff.patching) instead of the name")
         raise MechcliffError(f"unknown metric {metric!r}: pass a metric object, one of {_METRIC_LIST}")
     if isinstance(metric, type):
-        ctor = next((c for c in _METRIC_NAMES.values() if c.startswith(metric.__name__ + "(")), None)
-        hint = f"pass an instance, e.g. {ctor}" if ctor else f"pass an instance of a metric, one of {_METRIC_LIST}"
+        example = next((c for c in _METRIC_NAMES.values() if c.startswith(metric.__name__ + "(")), None)
+        hint = f"pass an instance, e.g. {example}" if example else f"pass an instance of a metric, one of {_METRIC_LIST}"
         raise MechcliffError(f"metric {metric.__name__} is a class: {hint}")
     lacking = [a for a in _INTERFACE if not hasattr(metric, a) or (a != "name" and not callable(getattr(metric, a)))]
     if lacking:
@@ -154,7 +159,7 @@ def resolve_metric(metric: Any) -> Any:
 
 
 @dataclasses.dataclass
-class PatchingResult(Result):
+class PatchingResult(PerHeadScores, Result):
     """Metric after patching each head, with the unpatched target and source baselines."""
 
     KIND: ClassVar[str] = "head_patching"
@@ -165,10 +170,6 @@ class PatchingResult(Result):
     model_id: str = ""
 
     @property
-    def mean(self) -> np.ndarray:
-        return self.per_example.mean(0)
-
-    @property
     def normalized(self) -> np.ndarray:
         """``(patched - target) / (source - target)`` on example means, ``[layer, head]``."""
         denom = float(self.source.mean() - self.target.mean())
@@ -176,14 +177,9 @@ class PatchingResult(Result):
             return np.full_like(self.mean, np.nan)
         return (self.mean - self.target.mean()) / denom
 
-    def ranked_heads(self) -> list[tuple[int, int]]:
-        """Heads by normalized effect, largest first (NaN last)."""
-        m = self.normalized
-        flat = [(float(m[l, h]), (l, h)) for l in range(m.shape[0]) for h in range(m.shape[1]) if np.isfinite(m[l, h])]
-        return [hd for _, hd in sorted(flat, key=lambda t: -t[0])]
-
-    def top(self, k: int) -> list[str]:
-        return [f"L{l}H{h}" for l, h in self.ranked_heads()[:k]]
+    def head_scores(self) -> np.ndarray:
+        """Heads rank by normalized effect (largest first)."""
+        return self.normalized
 
     def plot(self, highlight: list[tuple[int, int]] | None = None):
         from mechcliff.plotting import layer_head_heatmap
@@ -197,7 +193,7 @@ class PatchingResult(Result):
                 ("top heads", ", ".join(self.top(5)))]
 
 
-def rows_for_budget(handle: Any, batch: EncodedBatch, memory_budget_mb: float, recomputed_tokens: int | None = None) -> int:
+def rows_for_budget(handle: ModelHandle, batch: EncodedBatch, memory_budget_mb: float, recomputed_tokens: int | None = None) -> int:
     """How many rows (examples × patch indices) one forward may hold within ``memory_budget_mb``.
 
     Per row we count, in float32: the KV cache of the prefix (keys and values of every layer), the activations of
@@ -213,41 +209,39 @@ def rows_for_budget(handle: Any, batch: EncodedBatch, memory_budget_mb: float, r
     return max(1, int(memory_budget_mb * 2**20 // per_row_bytes))
 
 
-def _check_pair(handle: Any, target: EncodedBatch, source: EncodedBatch, target_position: Any, source_position: Any):
+def _check_pair(handle: ModelHandle, target: EncodedBatch, source: EncodedBatch, target_position: Any, source_position: Any):
     if len(target) != len(source):
         raise MechcliffError(f"source ({len(source)}) and target ({len(target)}) must be paired example by example")
-    tpos, spos = target.position(target_position), source.position(source_position)
-    if (tpos < 0).any() or (spos < 0).any():
-        raise MechcliffError("some examples lack the patch position (e.g. thinking that never closed); drop them first")
+    tpos = target.require(target_position, "the patch position")
+    spos = source.require(source_position, "the patch position")
     return tpos, spos
 
 
 @torch.no_grad()
-def _source_z(handle: Any, source: EncodedBatch, spos: torch.Tensor) -> torch.Tensor:
+def _source_z(handle: ModelHandle, source: EncodedBatch, spos: torch.Tensor) -> torch.Tensor:
     """``z`` of every head at the source positions: ``[example, layer, head, d_head]``."""
     store: dict[int, torch.Tensor] = {}
     rows = torch.arange(len(source))
 
     def grab(z: torch.Tensor, hook: Any) -> None:
-        store[int(hook.name.split(".")[1])] = z[rows, spos].detach().clone()
+        store[layer_of(hook.name)] = z[rows, spos].detach().clone()
 
-    handle.bridge.run_with_hooks(source.tokens, attention_mask=source.attention_mask,
-                                 fwd_hooks=[(f"blocks.{l}.attn.hook_z", grab) for l in range(handle.n_layers)])
+    forward(handle, source.tokens, source.attention_mask, hooks=[(act_name("z", l), grab) for l in range(handle.n_layers)])
     return torch.stack([store[l] for l in range(handle.n_layers)], 1)
 
 
 @torch.no_grad()
-def _run_metric(handle: Any, metric: Any, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+def _run_metric(handle: ModelHandle, metric: Any, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 extra_hooks: list, start_at_layer: int | None = None) -> torch.Tensor:
     store: dict[str, torch.Tensor] = {}
     hooks = extra_hooks + metric.hooks(positions, store)
     stop = metric.stop_at_layer(handle)
-    logits = handle.bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, start_at_layer=start_at_layer,
-                                          stop_at_layer=stop, return_type=None if stop is not None else "logits")
+    logits = forward(handle, tokens, mask, hooks=hooks, start_at_layer=start_at_layer, stop_at_layer=stop,
+                     return_type=None if stop is not None else "logits")
     return metric.from_logits(logits, positions, store)
 
 
-def _parse_heads(handle: Any, heads: Sequence[Any] | None, metric: Any) -> list[tuple[int, int]]:
+def _parse_heads(handle: ModelHandle, heads: Sequence[Any] | None, metric: Any) -> list[tuple[int, int]]:
     """Heads to patch; heads after the metric's last layer (e.g. the probe layer) cannot affect it and stay NaN."""
     from mechcliff.interventions import validate
 
@@ -259,7 +253,7 @@ def _parse_heads(handle: Any, heads: Sequence[Any] | None, metric: Any) -> list[
 
 @torch.no_grad()
 def patch_heads(
-    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
+    handle: ModelHandle, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
     target_position: Any = "think_end", source_position: Any = "think_end", max_rows: int | None = None,
     memory_budget_mb: float = 2048.0, progress: bool = False,
 ) -> PatchingResult:
@@ -307,12 +301,11 @@ def patch_heads(
                           metric=metric.name, model_id=handle.model_id)
 
 
-def _prefix_cache(handle: Any, target: EncodedBatch, P: int) -> Any:
+def _prefix_cache(handle: ModelHandle, target: EncodedBatch, P: int) -> Any:
     """KV cache of the target's first ``P`` tokens (``None`` when ``P == 0``)."""
     if P == 0:
         return None
-    _, cache = handle.bridge(target.tokens[:, :P], attention_mask=target.attention_mask[:, :P],
-                             return_type="logits_and_cache")
+    _, cache = forward(handle, target.tokens[:, :P], target.attention_mask[:, :P], return_type="logits_and_cache")
     return cache
 
 
@@ -326,7 +319,7 @@ def _rows_of_layer(chunk: Sequence[tuple[int, int]], B: int, layer: int) -> tupl
     return rows, ex[rows], torch.tensor([chunk[k][1] for k in range(K)])[rep[rows]]
 
 
-def _suffix_forward(handle: Any, target: EncodedBatch, P: int, prefix_cache: Any, K: int, hooks: list,
+def _suffix_forward(handle: ModelHandle, target: EncodedBatch, P: int, prefix_cache: Any, K: int, hooks: list,
                     metric: Any, local_pos: torch.Tensor) -> torch.Tensor:
     """Run tokens ``P:`` of ``target`` replicated ``K`` times (row = example * K + replica) on a copy of the
     prefix KV cache (none when ``P == 0``) with ``hooks``; return the metric as ``[example, replica]``."""
@@ -339,14 +332,12 @@ def _suffix_forward(handle: Any, target: EncodedBatch, P: int, prefix_cache: Any
         kw["past_key_values"] = cache
     store: dict[str, torch.Tensor] = {}
     pos = local_pos.repeat_interleave(K)
-    logits = handle.bridge.run_with_hooks(
-        target.tokens[:, P:].repeat_interleave(K, 0), attention_mask=target.attention_mask.repeat_interleave(K, 0),
-        fwd_hooks=hooks + metric.hooks(pos, store), **kw,
-    )
+    logits = forward(handle, target.tokens[:, P:].repeat_interleave(K, 0), target.attention_mask.repeat_interleave(K, 0),
+                     hooks=hooks + metric.hooks(pos, store), **kw)
     return metric.from_logits(logits, pos, store).reshape(len(target), K)
 
 
-def _patch_suffix(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
+def _patch_suffix(handle: ModelHandle, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
                   todo: list[tuple[int, int]], max_rows: int, out: np.ndarray, progress: bool) -> torch.Tensor:
     """KV-cache the prefix before the earliest patch position once; recompute only the suffix per chunk."""
     from tqdm.auto import tqdm
@@ -369,14 +360,14 @@ def _patch_suffix(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: 
                 z[rows, where, hs] = vals.to(z.dtype)
                 return z
 
-            hooks.append((f"blocks.{l}.attn.hook_z", patch_hook))
+            hooks.append((act_name("z", l), patch_hook))
         vals_out = _suffix_forward(handle, target, P, prefix_cache, K, hooks, metric, local)
         for k, (l, h) in enumerate(chunk):
             out[:, l, h] = vals_out[:, k].numpy()
     return target_metric
 
 
-def _patch_from_layer(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
+def _patch_from_layer(handle: ModelHandle, target: EncodedBatch, tpos: torch.Tensor, src_z: torch.Tensor, metric: Any,
                       todo: list[tuple[int, int]], max_rows: int, out: np.ndarray, progress: bool) -> torch.Tensor:
     """Chunks of heads of one layer, each starting at that layer from the target's cached ``resid_pre``."""
     from tqdm.auto import tqdm
@@ -385,11 +376,11 @@ def _patch_from_layer(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src
     store: dict[int, torch.Tensor] = {}
 
     def keep(x: torch.Tensor, hook: Any) -> None:
-        store[int(hook.name.split(".")[1])] = x.detach().clone()
+        store[layer_of(hook.name)] = x.detach().clone()
 
     layers = sorted({l for l, _ in todo})
     target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos,
-                                [(f"blocks.{l}.hook_resid_pre", keep) for l in layers])
+                                [(act_name("resid_pre", l), keep) for l in layers])
     per_forward = max(1, max_rows // B)
     chunks = []
     for l in layers:
@@ -409,14 +400,14 @@ def _patch_from_layer(handle: Any, target: EncodedBatch, tpos: torch.Tensor, src
             z[rows, pos, head_of_row] = patch.to(z.dtype)
             return z
 
-        vals = _run_metric(handle, metric, x, mask, pos, [(f"blocks.{l}.attn.hook_z", patch_hook)], start_at_layer=l)
+        vals = _run_metric(handle, metric, x, mask, pos, [(act_name("z", l), patch_hook)], start_at_layer=l)
         out[:, l, hs] = vals.reshape(K, B).T.numpy()
     return target_metric
 
 
 @torch.no_grad()
 def patch_heads_reference(
-    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
+    handle: ModelHandle, target: EncodedBatch, source: EncodedBatch, metric: Any, *, heads: Sequence[Any] | None = None,
     target_position: Any = "think_end", source_position: Any = "think_end",
 ) -> PatchingResult:
     """The exact reference: one full forward per head, no batching of indices and no prefix reuse."""
@@ -433,7 +424,7 @@ def patch_heads_reference(
             return z
 
         out[:, l, h] = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos,
-                                   [(f"blocks.{l}.attn.hook_z", patch_hook)]).numpy()
+                                   [(act_name("z", l), patch_hook)]).numpy()
     return PatchingResult(
         per_example=out,
         target=_run_metric(handle, metric, target.tokens, target.attention_mask, tpos, []).numpy(),
@@ -443,7 +434,7 @@ def patch_heads_reference(
 
 
 def attribution_patch_heads(
-    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, target_position: Any = "think_end",
+    handle: ModelHandle, target: EncodedBatch, source: EncodedBatch, metric: Any, *, target_position: Any = "think_end",
     source_position: Any = "think_end",
 ) -> PatchingResult:
     """Attribution patching (gradient approximation, Nanda 2023; Syed et al. 2023): one forward and one backward.
@@ -461,14 +452,14 @@ def attribution_patch_heads(
     zs: dict[int, torch.Tensor] = {}
 
     def keep(z: torch.Tensor, hook: Any) -> torch.Tensor:
-        zs[int(hook.name.split(".")[1])] = z
+        zs[layer_of(hook.name)] = z
         return z
 
     with torch.enable_grad():
         store: dict[str, torch.Tensor] = {}
-        hooks = [(f"blocks.{l}.attn.hook_z", keep) for l in layers] + metric.hooks(tpos, store)
-        logits = handle.bridge.run_with_hooks(target.tokens, attention_mask=target.attention_mask, fwd_hooks=hooks,
-                                              stop_at_layer=stop, return_type=None if stop is not None else "logits")
+        hooks = [(act_name("z", l), keep) for l in layers] + metric.hooks(tpos, store)
+        logits = forward(handle, target.tokens, target.attention_mask, hooks=hooks, stop_at_layer=stop,
+                         return_type=None if stop is not None else "logits")
         values = metric.from_logits(logits, tpos, store)
         grads = torch.autograd.grad(values.sum(), [zs[l] for l in layers])
     rows = torch.arange(B)
@@ -491,8 +482,7 @@ def rank_correlation(a: PatchingResult, b: PatchingResult) -> float:
     return float(spearmanr(x[ok], y[ok]).statistic)
 
 
-SITES = {"resid_pre": "blocks.{l}.hook_resid_pre", "attn_out": "blocks.{l}.hook_attn_out",
-         "mlp_out": "blocks.{l}.hook_mlp_out"}
+SITES = ("resid_pre", "attn_out", "mlp_out")  # the sites patch_positions patches (mechcliff.model.capture names)
 
 
 @dataclasses.dataclass
@@ -533,7 +523,7 @@ class PositionPatchingResult(Result):
 
 @torch.no_grad()
 def patch_positions(
-    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
+    handle: ModelHandle, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
     offsets: Sequence[int] = (-4, -3, -2, -1, 0), target_anchor: Any = "think_end", source_anchor: Any = "think_end",
     metric_position: Any = "think_end", layers: Sequence[int] | None = None, max_rows: int | None = None,
     memory_budget_mb: float = 2048.0,
@@ -561,12 +551,12 @@ def patch_positions(
     layer_list = list(range(handle.n_layers)) if layers is None else [handle.check_layer(l) for l in layers]
     stop = metric.stop_at_layer(handle)
     layer_list = [l for l in layer_list if stop is None or l < stop or (site == "resid_pre" and l <= stop)]
-    names = [SITES[site].format(l=l) for l in layer_list]
+    names = [act_name(site, l) for l in layer_list]
     src: dict[int, torch.Tensor] = {}
     rows = torch.arange(B)
 
     def grab(x: torch.Tensor, hook: Any) -> None:
-        src[int(hook.name.split(".")[1])] = x[rows[:, None], sp].detach().clone()  # [B, n_offsets, d_model]
+        src[layer_of(hook.name)] = x[rows[:, None], sp].detach().clone()  # [B, n_offsets, d_model]
 
     source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, source.position(metric_position),
                                 [(n, grab) for n in names])
@@ -581,15 +571,15 @@ def patch_positions(
         K = len(chunk)
         hooks = []
         for l in sorted({l for l, _ in chunk}):
-            r, ex, j = _rows_of_layer(chunk, B, l)
-            vals, where = src[l][ex, j], tp[ex, j] - P
+            r, ex, offset = _rows_of_layer(chunk, B, l)
+            vals, at = src[l][ex, offset], tp[ex, offset] - P
 
-            def patch_hook(x: torch.Tensor, hook: Any, r=r, vals=vals, where=where) -> torch.Tensor:
+            def patch_hook(x: torch.Tensor, hook: Any, r=r, vals=vals, at=at) -> torch.Tensor:
                 x = x.clone()
-                x[r, where] = vals.to(x.dtype)
+                x[r, at] = vals.to(x.dtype)
                 return x
 
-            hooks.append((SITES[site].format(l=l), patch_hook))
+            hooks.append((act_name(site, l), patch_hook))
         vals_out = _suffix_forward(handle, target, P, prefix_cache, K, hooks, metric, mpos - P)
         for k, (l, j) in enumerate(chunk):
             out[:, l, j] = vals_out[:, k].numpy()
@@ -600,7 +590,7 @@ def patch_positions(
 
 @torch.no_grad()
 def patch_positions_reference(
-    handle: Any, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
+    handle: ModelHandle, target: EncodedBatch, source: EncodedBatch, metric: Any, *, site: str = "resid_pre",
     offsets: Sequence[int] = (-4, -3, -2, -1, 0), target_anchor: Any = "think_end", source_anchor: Any = "think_end",
     metric_position: Any = "think_end", layers: Sequence[int] | None = None,
 ) -> PositionPatchingResult:
@@ -615,10 +605,10 @@ def patch_positions_reference(
     src: dict[int, torch.Tensor] = {}
 
     def grab(x: torch.Tensor, hook: Any) -> None:
-        src[int(hook.name.split(".")[1])] = x.detach().clone()
+        src[layer_of(hook.name)] = x.detach().clone()
 
     source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, source.position(metric_position),
-                                [(SITES[site].format(l=l), grab) for l in layer_list])
+                                [(act_name(site, l), grab) for l in layer_list])
     out = np.full((B, handle.n_layers, len(offsets)), np.nan)
     for l in layer_list:
         for j, o in enumerate(offsets):
@@ -628,7 +618,7 @@ def patch_positions_reference(
                 return x
 
             out[:, l, j] = _run_metric(handle, metric, target.tokens, target.attention_mask, mpos,
-                                       [(SITES[site].format(l=l), patch_hook)]).numpy()
+                                       [(act_name(site, l), patch_hook)]).numpy()
     return PositionPatchingResult(
         per_example=out, target=_run_metric(handle, metric, target.tokens, target.attention_mask, mpos, []).numpy(),
         source=source_metric.numpy(), offsets=[int(o) for o in offsets], site=site, metric=metric.name,

@@ -34,15 +34,17 @@ query row of each example, reduced at once to its argmax and maximum: O(batch ×
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
+from mechcliff.controls import layer_counts, random_controls
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
 from mechcliff.interventions import head_label, intervene, parse_head
+from mechcliff.model.capture import act_name, capture, forward
+from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 
 REGIONS = ("pad", "bos", "prompt", "template", "assistant", "think_open", "thinking", "closing", "think_tags",
@@ -68,7 +70,7 @@ def _overlapping(spans: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
     return [j for j, (s, e) in enumerate(spans) if e > s and s < hi and e > lo]
 
 
-def key_regions(handle: Any, batch: Any, i: int, *, thinking: bool) -> tuple[np.ndarray, bool]:
+def key_regions(handle: ModelHandle, batch: Any, i: int, *, thinking: bool) -> tuple[np.ndarray, bool]:
     """Region code (:data:`REGIONS`) of every position of example ``i`` (padded coordinates), and whether the
     thinking-off block has tokens strictly between its tags."""
     tok, fmt = handle.tokenizer, handle.think
@@ -125,7 +127,7 @@ def key_regions(handle: Any, batch: Any, i: int, *, thinking: bool) -> tuple[np.
     return lab, has_gap
 
 
-def between_positions(handle: Any, batch: Any) -> torch.Tensor:
+def between_positions(handle: ModelHandle, batch: Any) -> torch.Tensor:
     """Per example of a thinking-off batch: the last token strictly between the think tags, else the last tag
     token (``</think>``)."""
     out = []
@@ -146,8 +148,19 @@ def argmax_keys(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, w
 
 
+@dataclasses.dataclass
+class _Tokens:
+    """A token batch for :func:`~mechcliff.model.capture.capture` (the prompts with their first answer token)."""
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
 @torch.no_grad()
-def first_token_attention(handle: Any, batch: Any, *, query: str = "first_answer", batch_size: int = 16
+def first_token_attention(handle: ModelHandle, batch: Any, *, query: str = "first_answer", batch_size: int = 16
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every example, layer and head: the argmax key position (padded coordinates of ``batch``; the appended
     first answer token is position ``width``) and its weight, from the query row; and the query positions."""
@@ -157,36 +170,33 @@ def first_token_attention(handle: Any, batch: Any, *, query: str = "first_answer
     arg = np.zeros((n, L, H), dtype=np.int64)
     wts = np.zeros((n, L, H), dtype=np.float32)
     qpos_all = np.zeros(n, dtype=np.int64)
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    names = [act_name("pattern", l) for l in range(L)]
     missing = [nm for nm in names if nm not in handle.bridge.hook_dict]
     if missing:
         raise MechcliffError(f"this model has no attention-pattern hook {missing[0]}")
-    for s in range(0, n, batch_size):
-        toks, mask = batch.tokens[s:s + batch_size], batch.attention_mask[s:s + batch_size]
-        b = toks.shape[0]
-        if query == "first_answer":
-            logits = handle.bridge(toks.to(handle.device), attention_mask=mask.to(handle.device))
-            nxt = logits[:, -1].argmax(-1).cpu()
-            toks = torch.cat([toks, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], 1)
-            qpos = torch.full((b,), toks.shape[1] - 1, dtype=torch.long)
-        else:
-            qpos = batch.position("think_end")[s:s + b]
-            if (qpos < 0).any():
-                raise MechcliffError("an example has no think_end (its thinking never closed); drop it first")
-        store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if query == "first_answer":  # the greedy first answer token of each example, appended at position `width`
+        nxt = torch.zeros(n, dtype=batch.tokens.dtype)
+        for s in range(0, n, batch_size):
+            logits = forward(handle, batch.tokens[s:s + batch_size], batch.attention_mask[s:s + batch_size])
+            nxt[s:s + batch_size] = logits[:, -1].argmax(-1).cpu()
+        mask = batch.attention_mask
+        run: Any = _Tokens(torch.cat([batch.tokens, nxt[:, None]], 1),
+                           torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1))
+        qpos = torch.full((n,), batch.tokens.shape[1], dtype=torch.long)
+    else:
+        run, qpos = batch, batch.require("think_end", "a think_end")
 
-        def grab(pattern: torch.Tensor, hook: Any) -> None:
-            rows = pattern[torch.arange(b), :, qpos.to(pattern.device), :].float()  # [b, H, K]
-            k, w = argmax_keys(rows)
-            store[int(hook.name.split(".")[1])] = (k.cpu(), w.cpu())
+    def read(rows: torch.Tensor, where: Any) -> torch.Tensor:  # rows: the query rows [b, H, K]
+        k, w = argmax_keys(rows.float())
+        return torch.stack([k.double(), w.double()])  # both exact in float64: [2, b, H]
 
-        handle.bridge.run_with_hooks(toks.to(handle.device), attention_mask=mask.to(handle.device),
-                                     fwd_hooks=[(nm, grab) for nm in names])
-        for l in range(L):
-            arg[s:s + b, l] = store[l][0].numpy()
-            wts[s:s + b, l] = store[l][1].numpy()
-        qpos_all[s:s + b] = qpos.numpy()
+    for chunk in capture(handle, run, {nm: read for nm in names}, at=qpos, batch_size=batch_size):
+        idx = chunk.where.index.numpy()
+        for l, nm in enumerate(names):
+            kw = chunk.values[nm]
+            arg[idx, l] = kw[0].long().numpy()
+            wts[idx, l] = kw[1].float().numpy()
+    qpos_all[:] = qpos.numpy()
     return arg, wts, qpos_all
 
 
@@ -206,22 +216,11 @@ def shift_frequency(region_on: np.ndarray, region_off: np.ndarray, has_gap: np.n
     return shift[valid].mean(0), (region_on != region_off)[valid].mean(0)
 
 
-def random_heads_per_layer(handle: Any, heads: Sequence[Any], n_sets: int, seed: int) -> list[list[tuple[int, int]]]:
+def random_heads_per_layer(handle: ModelHandle, heads: Sequence[Any], n_sets: int, seed: int) -> list[list[tuple[int, int]]]:
     """``n_sets`` seeded sets with, in every layer, as many random heads as ``heads`` has there (never one of
     ``heads``; all the others of that layer when there are fewer)."""
     parsed = [parse_head(h) for h in heads]
-    by_layer: dict[int, int] = {}
-    for l, _ in parsed:
-        by_layer[l] = by_layer.get(l, 0) + 1
-    out = []
-    for i in range(n_sets):
-        rng = random.Random(seed + i)
-        chosen: list[tuple[int, int]] = []
-        for l, c in sorted(by_layer.items()):
-            pool = [(l, h) for h in range(handle.n_heads) if (l, h) not in parsed]
-            chosen += rng.sample(pool, min(c, len(pool)))
-        out.append(sorted(chosen))
-    return out
+    return random_controls(handle.n_layers, handle.n_heads, layer_counts(parsed), n_sets, seed, exclude=parsed)
 
 
 # --------------------------------------------------------------------------- result
@@ -321,7 +320,7 @@ class RefusalHeads(Result):
 
 
 @torch.no_grad()
-def probe_scores_at(handle: Any, batch: Any, probe: Any, positions: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+def probe_scores_at(handle: ModelHandle, batch: Any, probe: Any, positions: torch.Tensor, batch_size: int = 16) -> np.ndarray:
     """Probe logits at one position per example (whatever interventions are active)."""
     from mechcliff.probe import collect_residuals
 
@@ -329,7 +328,7 @@ def probe_scores_at(handle: Any, batch: Any, probe: Any, positions: torch.Tensor
     return np.asarray(probe.logit(x), dtype=np.float64)
 
 
-def _ablation(handle: Any, heads: list[tuple[int, int]], batch: Any, probe: Any, n_random: int, seed: int,
+def _ablation(handle: ModelHandle, heads: list[tuple[int, int]], batch: Any, probe: Any, n_random: int, seed: int,
               batch_size: int) -> dict[str, Any]:
     pos = between_positions(handle, batch)
 
@@ -353,7 +352,7 @@ def _ablation(handle: Any, heads: list[tuple[int, int]], batch: Any, probe: Any,
 
 
 def refusal_heads(
-    handle: Any,
+    handle: ModelHandle,
     harmful_prompts: Sequence[Any],
     *,
     harmless_prompts: Sequence[Any] | None = None,
@@ -397,7 +396,7 @@ def refusal_heads(
         raise MechcliffError("no harmful prompts")
     if probe is not None:
         probe.check_model(handle)
-    gen = dict(max_think_tokens=max_think_tokens, seed=seed, batch_size=batch_size, progress=progress)
+    gen: dict[str, Any] = dict(max_think_tokens=max_think_tokens, seed=seed, batch_size=batch_size, progress=progress)
     if thinking_rollouts is None:
         thinking_rollouts = generate_mode_rollouts(handle, prompts, thinking=True, max_answer_tokens=1,
                                                    desc="thinking on", **gen)
@@ -426,6 +425,7 @@ def refusal_heads(
     ablation = None
     if heads and (probe is not None or harmless_prompts):
         if probe is None:
+            assert harmless_prompts, "no probe: the condition above needs harmless prompts to fit one"
             harmless = [p if isinstance(p, Prompt) else Prompt(text=p, group="harmless") for p in harmless_prompts]
             off_gen = dict(gen, max_answer_tokens=max_answer_tokens)
             off_harmful = generate_mode_rollouts(handle, prompts, thinking=False, no_think_format=no_think_format,

@@ -36,6 +36,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from mechcliff.errors import MechcliffError
+from mechcliff.model.capture import act_name, capture
+from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 
 COS_EPS = 1e-12
@@ -91,14 +93,14 @@ def _pairs(n_a: int, n_b: int | None, n_pairs: int | None, rng: np.random.Genera
         draws = np.array([rng.choice(n_a, size=2, replace=False) for _ in range(n_pairs)])
         return draws[:, 0], draws[:, 1]
     if n_pairs is None:
-        i, j = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
-        return i.ravel(), j.ravel()
+        gi, gj = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
+        return gi.ravel(), gj.ravel()
     return rng.integers(0, n_a, size=n_pairs), rng.integers(0, n_b, size=n_pairs)
 
 
 def layer_cosines(
     safe: np.ndarray, unsafe: np.ndarray, *, n_pairs: int | None = None, seed: int = 0,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Mean and std over pairs of the per-layer cosine similarity, within and across the two groups.
 
     ``safe``: ``[n_safe, layer, d]``, ``unsafe``: ``[n_unsafe, layer, d]`` hidden states. Returns arrays ``[layer]``
@@ -249,17 +251,8 @@ def safety_layers_from_states(
 # --------------------------------------------------------------------------- the model side
 
 
-def _positions(batch: Any, position: Any, what: str) -> Any:
-    pos = batch.position(position)
-    missing = (pos < 0).nonzero().flatten().tolist()
-    if missing:
-        raise MechcliffError(f"{len(missing)} {what} text(s) have no {position!r} position (e.g. example {missing[0]}: "
-                             "a thinking that never closed); use position='last' or drop them")
-    return pos
-
-
 def last_token_states(
-    handle: Any, batch: Any, *, position: Any = "think_end", final_norm: bool = True, batch_size: int = 16,
+    handle: ModelHandle, batch: Any, *, position: Any = "think_end", final_norm: bool = True, batch_size: int = 16,
 ) -> np.ndarray:
     """Hidden states ``[example, layer, d_model]`` at one position per example, for every layer (see the module
     docstring: layer ``l`` = HF ``hidden_states[l + 1]``; the last one after the final norm when ``final_norm``)."""
@@ -267,31 +260,22 @@ def last_token_states(
 
     if len(batch) == 0:
         raise MechcliffError("no texts to read hidden states from (empty batch)")
-    pos_all = _positions(batch, position, "")
+    pos_all = batch.require(position, "the requested position")
     L = handle.n_layers
     out = np.zeros((len(batch), L, handle.d_model), dtype=np.float64)
-    names = [f"blocks.{l}.hook_resid_post" for l in range(L - 1 if final_norm else L)]
-    names += ["ln_final.hook_out"] if final_norm else []
+    names = [act_name("resid_post", l) for l in range(L - 1 if final_norm else L)]
+    names += [act_name("ln_final")] if final_norm else []  # read as layer L - 1
+    read = {n: (lambda x, where: x.double()) for n in names}
     with torch.no_grad():
-        for s in range(0, len(batch), batch_size):
-            idx = list(range(s, min(len(batch), s + batch_size)))
-            rows, p = torch.arange(len(idx)), pos_all[idx]
-            store: dict[int, torch.Tensor] = {}
-
-            def grab(x: torch.Tensor, hook: Any) -> None:
-                k = L - 1 if hook.name.startswith("ln_final") else int(hook.name.split(".")[1])
-                store[k] = x[rows, p.to(x.device)].double().cpu()
-
-            handle.bridge.run_with_hooks(batch.tokens[idx].to(handle.device),
-                                         attention_mask=batch.attention_mask[idx].to(handle.device),
-                                         fwd_hooks=[(n, grab) for n in names], return_type=None)
-            for l in range(L):
-                out[s:s + len(idx), l] = store[l].numpy()
+        for chunk in capture(handle, batch, read, at=pos_all, batch_size=batch_size):
+            rows = chunk.where.index.numpy()
+            for l, n in enumerate(names):
+                out[rows, l] = chunk.values[n].numpy()
     return out
 
 
 def safety_layers(
-    handle: Any, safe: Any, unsafe: Any, *, window: int = 3, position: Any = "think_end", n_pairs: int | None = None,
+    handle: ModelHandle, safe: Any, unsafe: Any, *, window: int = 3, position: Any = "think_end", n_pairs: int | None = None,
     seed: int = 0, final_norm: bool = True, drop_last: bool = False, batch_size: int = 16,
     meta: dict[str, Any] | None = None,
 ) -> SafetyLayers:
@@ -315,11 +299,11 @@ def safety_layers(
                                      position=str(position), model_id=getattr(handle, "model_id", ""), meta=m)
 
 
-# --------------------------------------------------------------------------- the command (mechcliff safety-layers)
+# --------------------------------------------------------------------------- groups and output of the commands (mechcliff.cli.cot)
 
 
 def prepare_groups(
-    handle: Any, safe_prompts: Sequence[Any], unsafe_prompts: Sequence[Any], *, thinking: bool = True,
+    handle: ModelHandle, safe_prompts: Sequence[Any], unsafe_prompts: Sequence[Any], *, thinking: bool = True,
     max_think_tokens: int = 64, max_answer_tokens: int = 16, seed: int = 0, batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[Any, Any, list[Any]]:
@@ -335,10 +319,14 @@ def prepare_groups(
         raise MechcliffError("the safe (harmless) prompt group is empty")
     if not unsafe_prompts:
         raise MechcliffError("the unsafe (harmful) prompt group is empty")
-    kw = dict(max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens, seed=seed,
-              batch_size=batch_size, enable_thinking=thinking, progress=progress)
-    ro_safe = generate_rollouts(handle, list(safe_prompts), desc="safe", **kw)
-    ro_unsafe = generate_rollouts(handle, list(unsafe_prompts), desc="unsafe", **kw)
+
+    def gen(prompts: Sequence[Any], desc: str) -> list[Any]:
+        return generate_rollouts(handle, list(prompts), max_think_tokens=max_think_tokens,
+                                 max_answer_tokens=max_answer_tokens, seed=seed, batch_size=batch_size,
+                                 enable_thinking=thinking, progress=progress, desc=desc)
+
+    ro_safe = gen(safe_prompts, "safe")
+    ro_unsafe = gen(unsafe_prompts, "unsafe")
     return (encode_rollouts(handle, ro_safe, enable_thinking=thinking),
             encode_rollouts(handle, ro_unsafe, enable_thinking=thinking), ro_safe + ro_unsafe)
 
@@ -349,7 +337,7 @@ def load_groups(safe_file: str | None, unsafe_file: str | None, n_per_group: int
 
     if (safe_file is None) != (unsafe_file is None):
         raise MechcliffError("give both --safe FILE and --unsafe FILE, or neither (built-in harmless vs harmful)")
-    if safe_file is not None:
+    if safe_file is not None and unsafe_file is not None:  # both or neither (checked above)
         safe, unsafe = load_prompts(safe_file, group="safe"), load_prompts(unsafe_file, group="unsafe")
     else:
         safe, unsafe = builtin_prompts("harmless"), builtin_prompts("harmful")
@@ -360,11 +348,11 @@ def load_groups(safe_file: str | None, unsafe_file: str | None, n_per_group: int
     return safe, unsafe
 
 
-def write_result(result: Result, out: str, name: str) -> tuple[Any, Any]:
+def write_result(result: SafetyLayers, out: str, name: str) -> tuple[Any, Any]:
     """Save ``result`` to ``out/name`` and its figure to ``out/name.html`` (offline, plotly.js inlined)."""
     from pathlib import Path
 
-    from mechcliff.data import atomic_write_text
+    from mechcliff.files import atomic_write_text
 
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -373,26 +361,3 @@ def write_result(result: Result, out: str, name: str) -> tuple[Any, Any]:
     html = out_dir / f"{name}.html"
     atomic_write_text(html, result.plot().to_html(include_plotlyjs=True, full_html=True))
     return path, html
-
-
-def run_command(args: Any) -> int:
-    """``mechcliff safety-layers``: generate rollouts for safe vs unsafe prompts, localise, save, print where."""
-    from mechcliff.model.loading import load_model
-
-    safe_p, unsafe_p = load_groups(args.safe, args.unsafe, args.n_per_group)
-    handle = load_model(args.model)
-    thinking = args.thinking == "on"
-    _check_window(args.window, handle.n_layers - (1 if args.drop_last else 0))
-    safe, unsafe, _ = prepare_groups(handle, safe_p, unsafe_p, thinking=thinking,
-                                     max_think_tokens=args.max_think_tokens, seed=args.seed,
-                                     progress=not args.no_progress)
-    res = safety_layers(handle, safe, unsafe, window=args.window, position=args.position, seed=args.seed,
-                        drop_last=args.drop_last,
-                        meta={"thinking": args.thinking, "max_think_tokens": args.max_think_tokens})
-    path, html = write_result(res, args.out, "safety_layers")
-    sl = res.safety_layers
-    print(f"{handle.model_id}, thinking {args.thinking}: {res.n_safe} safe vs {res.n_unsafe} unsafe texts")
-    print(f"safety layers (best {res.window}-layer window by GAP): {sl[0]}-{sl[-1]}, mean GAP {res.score:.4f}")
-    print(f"result: {path}")
-    print(f"figure: {html.resolve()}")
-    return 0

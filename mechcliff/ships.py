@@ -13,21 +13,26 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from mechcliff.chat import EncodedBatch
 from mechcliff.errors import MechcliffError
+from mechcliff.head_scores import PerHeadScores
 from mechcliff.interventions import _query_hook_name, head_label, intervene, validate
+from mechcliff.model.capture import act_name, capture, forward, layer_of
 from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 SHIPS_MODES = ("scale_q", "scale_z")
 
 
 @dataclasses.dataclass
-class HeadImportance(Result):
+class HeadImportance(PerHeadScores, Result):
     """Per-example and mean Ships score (KL, nats) of every head."""
 
     KIND: ClassVar[str] = "ships"
@@ -35,15 +40,6 @@ class HeadImportance(Result):
     mode: str
     eps: float
     model_id: str = ""
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.per_example.mean(0)
-
-    def top(self, k: int) -> list[str]:
-        m = self.mean
-        order = np.argsort(-np.nan_to_num(m, nan=-np.inf), axis=None)[:k]
-        return [f"L{i // m.shape[1]}H{i % m.shape[1]}" for i in order]
 
     def plot(self, highlight: list[tuple[int, int]] | None = None):
         from mechcliff.plotting import layer_head_heatmap
@@ -61,19 +57,16 @@ def _kl(base_logits: torch.Tensor, abl_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def _check(handle: Any, batch: EncodedBatch, mode: str, eps: float, position: Any) -> torch.Tensor:
+def _check(handle: ModelHandle, batch: EncodedBatch, mode: str, eps: float, position: Any) -> torch.Tensor:
     if mode not in SHIPS_MODES:
         raise MechcliffError(f"Ships mode must be one of {', '.join(SHIPS_MODES)}, not {mode!r}")
     validate(handle, [], mode, eps)
-    pos = batch.position(position)
-    if (pos < 0).any():
-        raise MechcliffError("some examples lack the requested position")
-    return pos
+    return batch.require(position, "the requested position")
 
 
 @torch.no_grad()
 def ships_scores(
-    handle: Any, batch: EncodedBatch, *, mode: str = "scale_q", eps: float = 1e-5, position: Any = "last",
+    handle: ModelHandle, batch: EncodedBatch, *, mode: str = "scale_q", eps: float = 1e-5, position: Any = "last",
     heads: Sequence[Any] | None = None, max_rows: int = 64,
 ) -> HeadImportance:
     """Ships KL of every head (or ``heads``) on each example of ``batch``: KL(base ‖ ablated) of the next-token
@@ -98,11 +91,10 @@ def ships_scores(
     store: dict[int, torch.Tensor] = {}
 
     def keep(x: torch.Tensor, hook: Any) -> None:
-        store[int(hook.name.split(".")[1])] = x.detach().clone()
+        store[layer_of(hook.name)] = x.detach().clone()
 
     layers = sorted({l for l, _ in todo})
-    base = handle.bridge.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask,
-                                        fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keep) for l in layers])
+    base = forward(handle, batch.tokens, batch.attention_mask, hooks=[(act_name("resid_pre", l), keep) for l in layers])
     base_at = base[torch.arange(B), pos]
     out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
     per_forward = max(1, max_rows // B)
@@ -119,42 +111,36 @@ def ships_scores(
                 t[rows, :, head_of_row] = t[rows, :, head_of_row] * eps
                 return t
 
-            name = _query_hook_name(handle, l) if mode == "scale_q" else f"blocks.{l}.attn.hook_z"
-            logits = handle.bridge.run_with_hooks(store[l].repeat(K, 1, 1), attention_mask=batch.attention_mask.repeat(K, 1),
-                                                  start_at_layer=l, fwd_hooks=[(name, ablate)])
+            name = _query_hook_name(handle, l) if mode == "scale_q" else act_name("z", l)
+            logits = forward(handle, store[l].repeat(K, 1, 1), batch.attention_mask.repeat(K, 1), start_at_layer=l,
+                             hooks=[(name, ablate)])
             kl = _kl(base_at.repeat(K, 1), logits[rows, pos.repeat(K)])
             out[:, l, hs] = kl.reshape(K, B).T.cpu().numpy()
     return HeadImportance(per_example=out, mode=mode, eps=float(eps), model_id=handle.model_id)
 
 
 @torch.no_grad()
-def ships_reference(handle: Any, batch: EncodedBatch, *, mode: str = "scale_q", eps: float = 1e-5,
+def ships_reference(handle: ModelHandle, batch: EncodedBatch, *, mode: str = "scale_q", eps: float = 1e-5,
                     position: Any = "last", heads: Sequence[Any] | None = None) -> HeadImportance:
     """One full forward per head under :func:`~mechcliff.interventions.intervene` (the test reference)."""
     pos = _check(handle, batch, mode, eps, position)
     B = len(batch)
     todo = ([(l, h) for l in range(handle.n_layers) for h in range(handle.n_heads)] if heads is None
             else validate(handle, heads, mode, eps))
-    base = handle.bridge(batch.tokens, attention_mask=batch.attention_mask)[torch.arange(B), pos]
+    base = forward(handle, batch.tokens, batch.attention_mask)[torch.arange(B), pos]
     out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
     for l, h in todo:
         with intervene(handle, [(l, h)], mode=mode, gamma=eps):
-            abl = handle.bridge(batch.tokens, attention_mask=batch.attention_mask)[torch.arange(B), pos]
+            abl = forward(handle, batch.tokens, batch.attention_mask)[torch.arange(B), pos]
         out[:, l, h] = _kl(base, abl).cpu().numpy()
     return HeadImportance(per_example=out, mode=mode, eps=float(eps), model_id=handle.model_id)
 
 
 @torch.no_grad()
-def _last_layer_states(handle: Any, batch: EncodedBatch, pos: torch.Tensor) -> torch.Tensor:
-    store: dict[str, torch.Tensor] = {}
-    last = handle.n_layers - 1
-
-    def grab(x: torch.Tensor, hook: Any) -> None:
-        store["x"] = x[torch.arange(x.shape[0]), pos].double()
-
-    handle.bridge.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask,
-                                 fwd_hooks=[(f"blocks.{last}.hook_resid_post", grab)], return_type=None)
-    return store["x"]
+def _last_layer_states(handle: ModelHandle, batch: EncodedBatch, pos: torch.Tensor) -> torch.Tensor:
+    name = act_name("resid_post", handle.n_layers - 1)
+    (chunk,) = capture(handle, batch, {name: lambda x, where: x.double()}, at=pos, batch_size=len(batch))
+    return chunk.values[name]
 
 
 def _top_left_singular(m: torch.Tensor) -> torch.Tensor:
@@ -162,7 +148,7 @@ def _top_left_singular(m: torch.Tensor) -> torch.Tensor:
     return u[:, 0]
 
 
-def generalized_ships(handle: Any, batch: EncodedBatch, heads: Sequence[Any], *, mode: str = "scale_q",
+def generalized_ships(handle: ModelHandle, batch: EncodedBatch, heads: Sequence[Any], *, mode: str = "scale_q",
                       eps: float = 1e-5, position: Any = "last", base_vector: torch.Tensor | None = None) -> float:
     """Principal angle (degrees) between the top left singular vectors of last-layer activations with and without
     ``heads`` (arXiv 2410.13708, generalized Ships with ``r_main = 1``)."""
@@ -207,7 +193,7 @@ class SaharaResult(Result):
         return [(f"step {i + 1}", f"{h}: {s:.2f}°") for i, (h, s) in enumerate(zip(self.heads, self.scores))]
 
 
-def sahara(handle: Any, batch: EncodedBatch, *, steps: int = 3, candidates: Sequence[Any] | None = None,
+def sahara(handle: ModelHandle, batch: EncodedBatch, *, steps: int = 3, candidates: Sequence[Any] | None = None,
            mode: str = "scale_q", eps: float = 1e-5, position: Any = "last", progress: bool = False) -> SaharaResult:
     """Greedy search (at most 5 steps, as in the paper): add the head whose ablation, together with the group so
     far, maximises the generalized Ships angle."""

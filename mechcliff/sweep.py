@@ -40,22 +40,25 @@ from mechcliff.chat import EncodedBatch, encode
 from mechcliff.data import Prompt, Rollout, content_hash
 from mechcliff.errors import MechcliffError
 from mechcliff.interventions import head_label, intervene, parse_head
+from mechcliff.model.capture import capture, forward
+from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 
 
 @torch.no_grad()
-def continuation_loss(handle: Any, batch: EncodedBatch, batch_size: int = 16) -> float:
+def continuation_loss(handle: ModelHandle, batch: EncodedBatch, batch_size: int = 16) -> float:
     """Mean cross-entropy (nats/token) of the tokens after the generation prompt (thinking, closing, answer)."""
     total, count = 0.0, 0
-    for s in range(0, len(batch), batch_size):
-        toks, mask = batch.tokens[s:s + batch_size], batch.attention_mask[s:s + batch_size]
-        logits = handle.bridge(toks, attention_mask=mask)
-        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, toks[:, 1:, None])[..., 0]
+    for chunk in capture(handle, batch, {}, batch_size=batch_size, return_logits=True):
+        idx, logits = chunk.where.index, chunk.logits
+        assert logits is not None  # return_logits=True
+        toks, mask = batch.tokens[idx], chunk.where.attention_mask
+        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, toks[:, 1:, None].to(logits.device))[..., 0]
         keep = torch.zeros_like(toks, dtype=torch.bool)
-        for j in range(toks.shape[0]):
-            keep[j, batch.spans[s + j]["prefix"][1]:] = True
+        for j, i in enumerate(idx.tolist()):
+            keep[j, batch.spans[i]["prefix"][1]:] = True
         keep = keep[:, 1:] & mask[:, 1:].bool()
-        total -= float(lp[keep].sum())
+        total -= float(lp[keep.to(lp.device)].sum())
         count += int(keep.sum())
     if count == 0:
         raise MechcliffError("no continuation tokens to score (harmless rollouts without thinking or answers)")
@@ -63,9 +66,9 @@ def continuation_loss(handle: Any, batch: EncodedBatch, batch_size: int = 16) ->
 
 
 @torch.no_grad()
-def next_token_logprobs(handle: Any, batch: EncodedBatch, position: Any = "prompt_end") -> torch.Tensor:
+def next_token_logprobs(handle: ModelHandle, batch: EncodedBatch, position: Any = "prompt_end") -> torch.Tensor:
     pos = batch.position(position)
-    logits = handle.bridge(batch.tokens, attention_mask=batch.attention_mask)
+    logits = forward(handle, batch.tokens, batch.attention_mask)
     return torch.log_softmax(logits[torch.arange(len(batch)), pos].double(), -1)
 
 
@@ -152,7 +155,7 @@ def _texts(prompts: Sequence[Any]) -> list[str]:
     return [p.text if isinstance(p, Prompt) else str(p) for p in prompts]
 
 
-def sweep_experiment(handle: Any, attack_prompts: Sequence[Any], harmless_prompts: Sequence[Any],
+def sweep_experiment(handle: ModelHandle, attack_prompts: Sequence[Any], harmless_prompts: Sequence[Any],
                      harmless_rollouts: Sequence[Rollout], judge: Any, generation: dict[str, Any] | None,
                      seed: int) -> dict[str, Any]:
     """Everything besides the cell's own grid position and heads that a cached cell must share to be reused."""
@@ -213,7 +216,7 @@ def _read_cells(cells_file: Path, experiment: dict[str, Any]) -> tuple[dict[tupl
 
 
 def ablation_sweep(
-    handle: Any,
+    handle: ModelHandle,
     ranked_heads: Sequence[Any],
     attack_prompts: Sequence[Prompt],
     harmless_prompts: Sequence[Prompt],

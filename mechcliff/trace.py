@@ -20,35 +20,34 @@ each example's thinking + closing span to ``n_points`` (linear interpolation), a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from mechcliff.chat import EncodedBatch
+from mechcliff.model.capture import capture
 from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 STAT_KEYS = ("plateau_max", "plateau_mean", "final", "ms", "drop", "t_cliff_rel")
 
 
 @torch.no_grad()
-def probe_scores_all_positions(handle: Any, batch: EncodedBatch, probe: Any, batch_size: int = 16) -> list[np.ndarray]:
+def probe_scores_all_positions(handle: ModelHandle, batch: EncodedBatch, probe: Any, batch_size: int = 16) -> list[np.ndarray]:
     """Per-example probe scores at every real token (ragged list, unpadded coordinates)."""
     out: list[np.ndarray] = []
     w = torch.as_tensor(probe.w, dtype=torch.float32)
-    for s in range(0, len(batch), batch_size):
-        store: dict[str, torch.Tensor] = {}
 
-        def grab(x: torch.Tensor, hook: Any) -> None:
-            store["logit"] = x.float() @ w.to(x.device) + probe.b
+    def logit(x: torch.Tensor, where: Any) -> torch.Tensor:
+        return x.float() @ w.to(x.device) + probe.b
 
-        handle.bridge.run_with_hooks(
-            batch.tokens[s:s + batch_size], attention_mask=batch.attention_mask[s:s + batch_size],
-            fwd_hooks=[(probe.hook_name, grab)], stop_at_layer=probe.layer + 1,
-        )
-        scores = torch.sigmoid(store["logit"]).cpu().numpy()
-        for j in range(scores.shape[0]):
-            out.append(scores[j, batch.pad_lengths[s + j]:].astype(np.float32))
+    for chunk in capture(handle, batch, {probe.hook_name: logit}, batch_size=batch_size):
+        scores = torch.sigmoid(chunk.values[probe.hook_name]).numpy()
+        for j, i in enumerate(chunk.where.index.tolist()):
+            out.append(scores[j, batch.pad_lengths[i]:].astype(np.float32))
     return out
 
 
@@ -194,7 +193,7 @@ def _summarise(xs: np.ndarray, mat: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def trace_refusal(
-    handle: Any, batch: EncodedBatch, probe: Any, *, groups: list[str] | None = None, ids: list[str | None] | None = None,
+    handle: ModelHandle, batch: EncodedBatch, probe: Any, *, groups: list[str] | None = None, ids: list[str | None] | None = None,
     plateau: str = "mean", batch_size: int = 16,
 ) -> RefusalTrace:
     """Probe scores at every token of every example, with per-example cliff statistics (module docstring).

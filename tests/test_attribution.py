@@ -48,6 +48,7 @@ def jailbreak(organism, organism_rollouts, organism_probe):
 # ---- exactness ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_components_sum_to_logit_organism(organism, organism_batch, organism_probe):
     dpa = direct_probe_attribution(organism, organism_batch, organism_probe)
     assert dpa.exact is True
@@ -61,6 +62,7 @@ def test_components_sum_to_logit_organism(organism, organism_batch, organism_pro
     np.testing.assert_allclose(dpa.logit, organism_probe.logit(x), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "qwen3"])
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("position", ["think_end", "last", 3])
@@ -79,6 +81,7 @@ def test_components_sum_to_logit_tiny(tiny_models, kind, layer, position):
     assert np.isnan(dpa.mean[layer + 1:]).all()
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "qwen3", "gemma3"])
 def test_tiny_models_load_and_conform(tiny_models, kind):
     h = tiny_models(kind)
@@ -90,6 +93,7 @@ def test_tiny_models_load_and_conform(tiny_models, kind):
     assert checks["heads_sum_to_attn_out"] is (kind != "gemma3") and h.conformance.passed
 
 
+@pytest.mark.organism
 def test_qwen2_biases_matter(tiny_models):
     """The Qwen2 model really has (non-zero) attention biases, so the exact sum above is a real check."""
     h = tiny_models("qwen2")
@@ -97,6 +101,7 @@ def test_qwen2_biases_matter(tiny_models):
     assert biases and all(p.abs().sum() > 0 for p in biases)
 
 
+@pytest.mark.organism
 def test_post_norm_model_is_not_exact(tiny_models):
     h = tiny_models("gemma3")
     assert h.exact_decomposition is False
@@ -110,6 +115,7 @@ def test_post_norm_model_is_not_exact(tiny_models):
 # ---- brute-force reference ----------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["organism", "qwen2"])
 def test_matches_brute_force_reference(kind, organism, tiny_models):
     h = organism if kind == "organism" else tiny_models(kind)
@@ -141,6 +147,7 @@ def test_matches_brute_force_reference(kind, organism, tiny_models):
 # ---- the planted circuit ------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_top_suppression_heads_are_the_planted_ones(organism, jailbreak):
     _, tr, pos, dpa = jailbreak
     planted = {f"L{l}H{h}" for l, h in organism.extra["ground_truth"].planted_suppression_heads}
@@ -153,6 +160,7 @@ def test_top_suppression_heads_are_the_planted_ones(organism, jailbreak):
         assert (dpa.per_example[:, l, h] < 0).all()
 
 
+@pytest.mark.organism
 def test_trace_positions(jailbreak):
     batch, tr, pos, dpa = jailbreak
     assert pos.shape == (len(batch),)
@@ -161,6 +169,7 @@ def test_trace_positions(jailbreak):
     assert dpa.positions == pos.tolist()
 
 
+@pytest.mark.organism
 def test_harm_detectors_promote_refusal(organism, organism_rollouts, organism_probe):
     from mechcliff.generation import encode_rollouts
 
@@ -170,18 +179,21 @@ def test_harm_detectors_promote_refusal(organism, organism_rollouts, organism_pr
     assert top == {f"L{l}H{h}" for l, h in organism.extra["ground_truth"].harm_detector_heads}
 
 
+@pytest.mark.organism
 def test_no_position_is_an_error(organism, organism_probe):
     b = encode(organism, PROMPTS[:1], thinking=THINKING[:1], has_think_close=[False])
     with pytest.raises(MechcliffError, match="position"):
         direct_probe_attribution(organism, b, organism_probe)
 
 
+@pytest.mark.organism
 def test_examples_without_position_are_dropped(organism, organism_probe):
     b = encode(organism, PROMPTS[:2], thinking=THINKING[:2], has_think_close=[False, True])
     dpa = direct_probe_attribution(organism, b, organism_probe, groups=["x", "y"])
     assert dpa.per_example.shape[0] == 1 and dpa.groups == ["y"]
 
 
+@pytest.mark.organism
 def test_probe_of_other_model_is_an_error(organism_probe, tiny_models):
     h = tiny_models("llama_gqa")
     with pytest.raises(MechcliffError, match="trained on model"):
@@ -198,6 +210,7 @@ def _hand_attr() -> HeadAttribution:
                            logit=np.zeros(2), probe_bias=0.0, probe_layer=1, positions=[3, 4], model_id="hand")
 
 
+@pytest.mark.unit
 def test_ranked_heads_and_top():
     a = _hand_attr()
     assert a.ranked_heads() == [(0, 0), (1, 1), (0, 2), (0, 1), (1, 0)]  # most negative first, NaN skipped
@@ -208,6 +221,7 @@ def test_ranked_heads_and_top():
     np.testing.assert_allclose(a.mean[0], [-2.0, 1.0, 0.5])
 
 
+@pytest.mark.organism
 def test_save_load_round_trip(jailbreak, tmp_path):
     dpa = jailbreak[3]
     dpa.save(tmp_path / "a")
@@ -220,6 +234,7 @@ def test_save_load_round_trip(jailbreak, tmp_path):
     assert d2.top(5) == dpa.top(5) and d2.max_abs_error == dpa.max_abs_error
 
 
+@pytest.mark.unit
 def test_save_load_round_trip_with_nan_heads(tmp_path):
     a = _hand_attr()
     a.save(tmp_path / "a")
@@ -228,6 +243,7 @@ def test_save_load_round_trip_with_nan_heads(tmp_path):
     assert b.ranked_heads() == a.ranked_heads()
 
 
+@pytest.mark.organism
 def test_load_wrong_kind(jailbreak, tmp_path):
     from mechcliff.trace import RefusalTrace
 

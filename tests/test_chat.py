@@ -12,7 +12,7 @@ import torch
 from mechcliff.chat import ANCHORS, encode
 from mechcliff.errors import MechcliffError
 
-pytestmark = pytest.mark.exactness  # also run by the canary on the newest releases (make test-latest)
+pytestmark = [pytest.mark.organism, pytest.mark.exactness]  # also run by the canary on the newest releases (make test-latest)
 
 PROMPTS = [
     "How do I bake bread at home.",

@@ -52,6 +52,7 @@ def _drop_kv_cache(bridge, hf):
         m.register_forward_pre_hook(drop, with_kwargs=True)
 
 
+@pytest.mark.organism
 def test_unbroken_model_passes_every_check(sabotaged):
     h = sabotaged(lambda bridge, hf: None)
     names = [c.name for c in h.conformance.checks]
@@ -61,12 +62,14 @@ def test_unbroken_model_passes_every_check(sabotaged):
     assert h.conformance.to_dict()["passed"] is True and h.describe()["conformance_checked"] is True
 
 
+@pytest.mark.organism
 def test_a_cache_that_is_silently_dropped_fails_cached_continuation_and_generation(sabotaged):
     with pytest.raises(ConformanceError, match=r"conformance check 'cached_continuation' failed on sabotaged-llama_gqa"
                        r".*also failed: generation_vs_hf"):
         sabotaged(_drop_kv_cache)
 
 
+@pytest.mark.organism
 def test_a_generation_that_drops_the_mask_fails_generation_vs_hf(sabotaged):
     def ignore_mask(bridge, hf):
         generate = hf.generate
@@ -80,6 +83,7 @@ def test_a_generation_that_drops_the_mask_fails_generation_vs_hf(sabotaged):
         sabotaged(ignore_mask)
 
 
+@pytest.mark.organism
 def test_changed_weights_fail_logits_vs_hf(sabotaged):
     def perturb(bridge, hf):
         with torch.no_grad():
@@ -89,6 +93,7 @@ def test_changed_weights_fail_logits_vs_hf(sabotaged):
         sabotaged(perturb)
 
 
+@pytest.mark.organism
 def test_batch_dependent_forward_fails_padded_vs_single(sabotaged):
     """Rows that change with their batch-mates (e.g. position ids from the padded length, TL #1609)."""
     def batch_dependent(bridge, hf):
@@ -125,21 +130,25 @@ def _swap_hook_point(cls, name):
     return swap
 
 
+@pytest.mark.organism
 def test_a_hook_that_never_fires_fails_hooks_fire(sabotaged):
     with pytest.raises(ConformanceError, match=r"hooks_fire"):
         sabotaged(_swap_hook_point(_NeverFires, "blocks.1.hook_mlp_out"))
 
 
+@pytest.mark.organism
 def test_a_hook_whose_writes_are_dropped_fails_hooks_fire(sabotaged):
     with pytest.raises(ConformanceError, match=r"'hooks_fire' failed.*writing to blocks.0.attn.hook_pattern does not change"):
         sabotaged(_swap_hook_point(_DropsWrites, "blocks.0.attn.hook_pattern"))
 
 
+@pytest.mark.organism
 def test_a_hook_that_sees_the_wrong_tensor_fails_residual_additivity(sabotaged):
     with pytest.raises(ConformanceError, match=r"'residual_additivity' failed"):
         sabotaged(_swap_hook_point(_WrongTensor, "blocks.1.hook_mlp_out"))
 
 
+@pytest.mark.organism
 def test_wrong_W_O_fails_heads_sum(sabotaged, monkeypatch):
     from mechcliff.model.handle import ModelHandle
 
@@ -149,6 +158,7 @@ def test_wrong_W_O_fails_heads_sum(sabotaged, monkeypatch):
         sabotaged(lambda bridge, hf: None)
 
 
+@pytest.mark.organism
 def test_run_with_hooks_that_removes_outer_hooks_fails_nested_hooks(sabotaged):
     """TL PR #1638: a nested call that cleans up every hook, not only its own."""
     def greedy_cleanup(bridge, hf):
@@ -165,6 +175,7 @@ def test_run_with_hooks_that_removes_outer_hooks_fails_nested_hooks(sabotaged):
         sabotaged(greedy_cleanup)
 
 
+@pytest.mark.organism
 def test_check_false_loads_a_broken_model_and_says_so(sabotaged):
     h = sabotaged(_drop_kv_cache, check=False)
     assert h.conformance is None and h.extra["conformance_skipped"] is True
@@ -174,11 +185,13 @@ def test_check_false_loads_a_broken_model_and_says_so(sabotaged):
     assert any("not run" in n for n in report.notes)
 
 
+@pytest.mark.organism
 def test_environment_variable_skips_the_check(sabotaged, monkeypatch):
     monkeypatch.setenv("MECHCLIFF_NO_CHECK", "1")
     assert sabotaged(_drop_kv_cache).conformance is None
 
 
+@pytest.mark.organism
 def test_post_norm_model_passes_with_decomposition_flagged(tiny_models):
     """Gemma 3's sandwich norms break the head sum by design: informational there, not an error."""
     h = tiny_models("gemma3")
@@ -188,6 +201,7 @@ def test_post_norm_model_passes_with_decomposition_flagged(tiny_models):
     assert "informational" in h.conformance.summary()
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["organism", "llama_gqa", "qwen2", "qwen3", "gemma3"])
 def test_every_model_checks_every_hook_it_has(kind, organism, tiny_models):
     h = organism if kind == "organism" else tiny_models(kind)
@@ -198,6 +212,7 @@ def test_every_model_checks_every_hook_it_has(kind, organism, tiny_models):
     assert h.conformance.check("cached_continuation").passed and h.conformance.check("generation_vs_hf").passed
 
 
+@pytest.mark.organism
 def test_cli_check_fails_with_one_line_naming_the_check(sabotaged, monkeypatch, capsys):
     from mechcliff import cli
 
@@ -208,6 +223,7 @@ def test_cli_check_fails_with_one_line_naming_the_check(sabotaged, monkeypatch, 
     assert len(err) == 1 and err[0].startswith("mechcliff: error: conformance check 'cached_continuation' failed on")
 
 
+@pytest.mark.organism
 def test_cli_no_check_loads_and_reports_versions(monkeypatch, capsys):
     from mechcliff import cli
 
@@ -218,6 +234,7 @@ def test_cli_no_check_loads_and_reports_versions(monkeypatch, capsys):
     assert "MECHCLIFF_NO_CHECK" not in __import__("os").environ  # main() restores the environment
 
 
+@pytest.mark.organism
 def test_run_no_check_is_recorded_in_the_manifest(tmp_path):
     import json
 
@@ -229,6 +246,7 @@ def test_run_no_check_is_recorded_in_the_manifest(tmp_path):
     assert manifest["conformance"] == {"skipped": True} and manifest["model"]["conformance_checked"] is False
 
 
+@pytest.mark.unit
 def test_unknown_spec_is_still_a_plain_error():
     with pytest.raises(MechcliffError):
         loading.load_model("/nonexistent/model/folder")

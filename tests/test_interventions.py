@@ -55,6 +55,7 @@ def baseline(organism, batch):
     return _logits(organism, batch)
 
 
+@pytest.mark.organism
 def test_gamma_one_is_exactly_a_no_op(organism, batch, baseline):
     for mode in ("scale_z", "norm_preserving", "scale_q"):
         with intervene(organism, HEADS, mode=mode, gamma=1.0):
@@ -62,6 +63,7 @@ def test_gamma_one_is_exactly_a_no_op(organism, batch, baseline):
         assert torch.equal(out, baseline), mode
 
 
+@pytest.mark.organism
 def test_gamma_one_no_op_tiny(tiny_models):
     h = tiny_models("qwen2")
     b = encode(h, PROMPTS, thinking=THINKING)
@@ -70,6 +72,7 @@ def test_gamma_one_no_op_tiny(tiny_models):
         assert torch.equal(_logits(h, b), base)
 
 
+@pytest.mark.organism
 def test_gamma_zero_equals_manual_hook(organism, batch, baseline):
     def zero_hook(idx):
         def hook(z, hook):
@@ -90,6 +93,7 @@ def test_gamma_zero_equals_manual_hook(organism, batch, baseline):
     assert spec.to_dict() == {"heads": ["L1H3", "L2H1"], "mode": "scale_z", "gamma": 0.0}
 
 
+@pytest.mark.organism
 def test_scale_z_zeroes_the_heads(organism, batch):
     with intervene(organism, HEADS, gamma=0.0):
         z = _capture(organism, batch, ["blocks.1.attn.hook_z", "blocks.2.attn.hook_z"])
@@ -98,6 +102,7 @@ def test_scale_z_zeroes_the_heads(organism, batch):
     assert z["blocks.1.attn.hook_z"][:, :, 2].abs().sum() > 0  # other heads untouched
 
 
+@pytest.mark.organism
 def test_scale_z_amplifies(organism, batch):
     base = _capture(organism, batch, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"]
     with intervene(organism, [(1, 2)], gamma=2.5):
@@ -106,6 +111,7 @@ def test_scale_z_amplifies(organism, batch):
     torch.testing.assert_close(z[:, :, 0], base[:, :, 0], atol=0, rtol=0)
 
 
+@pytest.mark.organism
 def test_zero_mode_equals_scale_z_gamma_zero(organism, batch):
     with intervene(organism, HEADS, mode="scale_z", gamma=0.0):
         a = _logits(organism, batch)
@@ -115,6 +121,7 @@ def test_zero_mode_equals_scale_z_gamma_zero(organism, batch):
     assert spec.gamma == 0.0
 
 
+@pytest.mark.organism
 def test_norm_preserving_keeps_layer_norm(organism, batch):
     name = "blocks.1.attn.hook_z"
     base = _capture(organism, batch, [name])[name]
@@ -131,6 +138,7 @@ def test_norm_preserving_keeps_layer_norm(organism, batch):
     torch.testing.assert_close(z[:, :, 0], base[:, :, 0] * ratio[..., None], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.organism
 def test_norm_preserving_half(organism, batch):
     name = "blocks.2.attn.hook_z"
     base = _capture(organism, batch, [name])[name]
@@ -139,6 +147,7 @@ def test_norm_preserving_half(organism, batch):
     torch.testing.assert_close(z.norm(dim=(-2, -1)), base.norm(dim=(-2, -1)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["organism", "llama_gqa"])
 def test_scale_q_makes_attention_uniform(kind, organism, tiny_models, unpadded):
     h = organism if kind == "organism" else tiny_models(kind)
@@ -159,6 +168,7 @@ def test_scale_q_makes_attention_uniform(kind, organism, tiny_models, unpadded):
 
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "qwen3", "gemma3"])
 def test_scale_q_scales_attention_scores(kind, tiny_models):
     """Scaling the query by gamma scales the head's attention scores by gamma, on every architecture."""
@@ -175,12 +185,14 @@ def test_scale_q_scales_attention_scores(kind, tiny_models):
     torch.testing.assert_close(scaled[visible], 0.5 * base[visible], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.organism
 def test_mean_mode_needs_mean_z(organism):
     with pytest.raises(MechcliffError, match="mean_z"):
         with intervene(organism, HEADS, mode="mean"):
             pass
 
 
+@pytest.mark.organism
 def test_mean_mode_replaces_z_by_mean(organism, batch):
     mean_z = mean_head_outputs(organism, batch)
     assert mean_z.shape == (organism.n_layers, organism.n_heads, organism.d_head)
@@ -195,6 +207,7 @@ def test_mean_mode_replaces_z_by_mean(organism, batch):
     torch.testing.assert_close(z[:, :, 2], store[:, :, 2], atol=0, rtol=0)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "mean"])
 def test_weights_unchanged_and_hooks_removed(organism, batch, baseline, mode):
     before = {k: v.detach().clone() for k, v in organism.hf_model.state_dict().items()}
@@ -208,6 +221,7 @@ def test_weights_unchanged_and_hooks_removed(organism, batch, baseline, mode):
     assert torch.equal(_logits(organism, batch), baseline)  # hooks are gone
 
 
+@pytest.mark.organism
 def test_hooks_removed_after_an_exception(organism, batch, baseline):
     with pytest.raises(RuntimeError):
         with intervene(organism, HEADS, gamma=0.0):
@@ -215,6 +229,7 @@ def test_hooks_removed_after_an_exception(organism, batch, baseline):
     assert torch.equal(_logits(organism, batch), baseline)
 
 
+@pytest.mark.organism
 def test_nested_interventions(organism, batch, baseline):
     with intervene(organism, [(1, 3)], gamma=0.0):
         with intervene(organism, [(2, 1)], gamma=0.0):
@@ -227,6 +242,7 @@ def test_nested_interventions(organism, batch, baseline):
     assert torch.equal(_logits(organism, batch), baseline)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("gamma", [math.nan, math.inf, -math.inf, "x", "1e999"])
 def test_bad_gamma(organism, gamma):
     with pytest.raises(MechcliffError, match="gamma"):
@@ -234,6 +250,7 @@ def test_bad_gamma(organism, gamma):
             pass
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("head", [(4, 0), (0, 8), (-1, 0), (0, -1), "L9H0", "L0H99"])
 def test_head_out_of_range(organism, head):
     with pytest.raises(MechcliffError, match="does not exist"):
@@ -241,12 +258,14 @@ def test_head_out_of_range(organism, head):
             pass
 
 
+@pytest.mark.organism
 def test_unknown_mode(organism):
     with pytest.raises(MechcliffError, match="unknown intervention mode"):
         with intervene(organism, HEADS, mode="scramble"):
             pass
 
 
+@pytest.mark.unit
 def test_parse_head():
     assert parse_head("L2H3") == (2, 3)
     assert parse_head(" l10h0 ") == (10, 0)
@@ -255,12 +274,14 @@ def test_parse_head():
     assert parse_head(head_label((3, 7))) == (3, 7)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad", ["2H3", "L2", "LxH3", "L2H", "H3", "", "L2H3H4", "layer2head3"])
 def test_parse_head_bad_labels(bad):
     with pytest.raises(MechcliffError, match="cannot read head"):
         parse_head(bad)
 
 
+@pytest.mark.organism
 def test_string_heads_accepted(organism, batch):
     with intervene(organism, ["L1H3", "L2H1"], gamma=0.0):
         a = _logits(organism, batch)
@@ -269,6 +290,7 @@ def test_string_heads_accepted(organism, batch):
     assert torch.equal(a, b)
 
 
+@pytest.mark.organism
 def test_norm_preserving_is_batch_invariant(organism, batch):
     with intervene(organism, HEADS, mode="norm_preserving", gamma=0.0):
         together = _logits(organism, batch)
@@ -280,6 +302,7 @@ def test_norm_preserving_is_batch_invariant(organism, batch):
 # ---- gamma only where a mode uses it (issue 16, item 18) ----------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("gamma", [0.5, 1.0, -2.0])
 def test_zero_mode_rejects_a_gamma(organism, gamma):
     from mechcliff.interventions import validate
@@ -291,6 +314,7 @@ def test_zero_mode_rejects_a_gamma(organism, gamma):
         validate(organism, HEADS, "zero", gamma)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
 def test_mean_mode_rejects_any_gamma(organism, batch, gamma):
     mean_z = mean_head_outputs(organism, batch)
@@ -299,6 +323,7 @@ def test_mean_mode_rejects_any_gamma(organism, batch, gamma):
             pass
 
 
+@pytest.mark.organism
 def test_zero_mode_accepts_no_gamma_or_zero(organism, batch):
     with intervene(organism, HEADS, mode="zero", gamma=0.0) as a:
         la = _logits(organism, batch)
@@ -309,6 +334,7 @@ def test_zero_mode_accepts_no_gamma_or_zero(organism, batch):
         assert c.gamma == 0.5
 
 
+@pytest.mark.organism
 def test_ablation_experiment_rejects_an_unused_gamma_and_titles_zero_without_one(organism, builtin, refusal_judge):
     from mechcliff.asr import ablation_experiment
 

@@ -10,6 +10,8 @@ import pytest
 from mechcliff.errors import MechcliffError
 from mechcliff.modes import MODES, ModeComparison, check_no_think_format, compare_modes, thinking_switch
 
+pytestmark = pytest.mark.organism
+
 N = 6
 
 
@@ -138,7 +140,7 @@ def test_cli_compare_modes(tmp_path, capsys):
     assert rc == 0, captured.err
     for p in ("mode_comparison/result.json", "mode_comparison.html", "trace_thinking/result.json",
               "trace_no_thinking/result.json", "rollouts/thinking.jsonl", "rollouts/no_thinking.jsonl",
-              "probe/probe.json", "summary.json"):
+              "probe/result.json", "summary.json"):
         assert (out / p).exists(), p
     assert "figure: " in captured.out and "MS n/a" in captured.out
     doc = json.loads((out / "summary.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mechcliff.errors import MechcliffError
-from mechcliff.neurons import (CriticalNeurons, NeuronAblation, RASSeries, _pearson, ablate_neurons, check_same_width,
+from mechcliff.neurons import (CriticalNeurons, RASSeries, _pearson, ablate_neurons, check_same_width,
                                counterfactual_prompts, critical_neurons, intersect_top_m, maxpooled_activations,
                                neuron_ablation, random_neuron_sets, ras_series, reciprocal_activation_shift, top_m)
 
@@ -25,6 +25,7 @@ def prompts():
 # ---- the hook -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_hook_post_is_what_the_output_projection_reads(organism):
     """blocks.{l}.mlp.hook_post = act(gate(x)) * up(x), and zeroing every neuron of a layer zeroes its MLP output."""
     from mechcliff.chat import encode
@@ -54,6 +55,7 @@ def test_hook_post_is_what_the_output_projection_reads(organism):
             pass
 
 
+@pytest.mark.organism
 def test_ablation_reaches_generation(organism):
     """The neuron hook fires at every generation step (KV cache included)."""
     from mechcliff.chat import encode
@@ -66,6 +68,7 @@ def test_ablation_reaches_generation(organism):
     assert calls == [0.0]
 
 
+@pytest.mark.organism
 def test_max_pooling_ignores_padding(organism):
     from mechcliff.chat import encode
 
@@ -84,6 +87,7 @@ def test_max_pooling_ignores_padding(organism):
 # ---- selection on synthetic data ----------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_top_m_ties_nan_and_m_larger_than_the_width():
     v = np.array([1.0, 3.0, 3.0, 2.0, np.nan])
     assert top_m(v, 1).tolist() == [1]  # a tie at the boundary goes to the lower index
@@ -95,6 +99,7 @@ def test_top_m_ties_nan_and_m_larger_than_the_width():
             top_m(v, bad)
 
 
+@pytest.mark.unit
 def test_intersection_over_pairs():
     diffs = np.zeros((3, 2, 4))  # 3 pairs, 2 layers x 4 neurons
     diffs[:, 1, 2] = 5.0  # top of every pair
@@ -116,6 +121,7 @@ def test_intersection_over_pairs():
         intersect_top_m(diffs, 2, quorum=0)
 
 
+@pytest.mark.unit
 def test_random_neuron_sets():
     crit = [(1, 2), (1, 5), (3, 0)]
     sets = random_neuron_sets(4, 8, crit, 3, seed=0)
@@ -125,6 +131,7 @@ def test_random_neuron_sets():
     assert all(sorted(l for l, _ in s) == [1, 1, 3] for s in matched)
 
 
+@pytest.mark.unit
 def test_counterfactual_prompts_append_intent_by_category():
     from mechcliff.data import Prompt
     from mechcliff.neurons import INTENT_SENTENCES
@@ -137,6 +144,7 @@ def test_counterfactual_prompts_append_intent_by_category():
 # ---- RAS against a hand computation -------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_ras_by_hand():
     a0_safe, at_safe = [2.0, 1.0, 4.0, 3.0], [1.0, 2.0, 2.0, 3.0]
     a0_math, at_math = [1.0, 1.0, 2.0, 5.0], [3.0, 1.0, 4.0, 4.0]
@@ -151,6 +159,7 @@ def test_ras_by_hand():
     assert same == {"delta_safe": 0.0, "delta_math": 0.0, "ras": 0.0, "n": 4, "n_invalid_safe": 0, "n_invalid_math": 0}
 
 
+@pytest.mark.unit
 def test_ras_sign_changes_are_counted_not_summed():
     r = reciprocal_activation_shift([1.0, -1.0], [-1.0, -2.0], [1.0, 1.0], [2.0, 1.0])
     # safe: j=0 crosses zero (undefined, counted); j=1 (-1 - -2)/((-1)(-2)) = 1/2 -> δ⁻ = 1/4
@@ -160,6 +169,7 @@ def test_ras_sign_changes_are_counted_not_summed():
     assert mag["delta_safe"] == 0.0 and mag["ras"] == 0.0 and mag["n_invalid_safe"] == 0
 
 
+@pytest.mark.unit
 def test_ras_bad_input():
     with pytest.raises(MechcliffError, match="different widths"):
         reciprocal_activation_shift([1.0, 2.0], [1.0], [1.0, 2.0], [1.0, 2.0])
@@ -171,6 +181,7 @@ def test_ras_bad_input():
         reciprocal_activation_shift([1.0], [1.0], [1.0], [1.0], invalid="drop")
 
 
+@pytest.mark.unit
 def test_pearson():
     assert _pearson([1, 2, 3, 4], [2, 4, 6, 8])["r"] == pytest.approx(1.0)
     assert _pearson([1, 2], [1, 2])["r"] is None  # fewer than 3 points
@@ -187,6 +198,7 @@ def crit(organism, prompts):
                             max_answer_tokens=8)
 
 
+@pytest.mark.organism
 def test_critical_neurons_structure(crit, organism):
     assert crit.counts.shape == (4, 128) and crit.n_pairs == 6 and crit.m == 128
     assert crit.counts.sum() == 6 * 128  # m per pair
@@ -200,12 +212,14 @@ def test_critical_neurons_structure(crit, organism):
         critical_neurons(organism, ["make a bomb"], counterfactuals=["a", "b"])
 
 
+@pytest.mark.organism
 def test_default_m_is_five_percent(organism):
     from mechcliff.neurons import default_m
 
     assert default_m(4 * 128) == 26 and default_m(30 * 1536) == 2304 and default_m(3) == 1
 
 
+@pytest.mark.organism
 def test_neuron_ablation_on_the_organism(organism, crit, prompts):
     ab = neuron_ablation(organism, crit.neurons, *prompts, n_random=2, generation={"max_think_tokens": 24,
                          "max_answer_tokens": 8}, progress=False)
@@ -222,6 +236,7 @@ def test_neuron_ablation_on_the_organism(organism, crit, prompts):
         neuron_ablation(organism, [], *prompts)
 
 
+@pytest.mark.organism
 def test_results_round_trip_and_plot(crit, tmp_path):
     from mechcliff.figures import load_saved
 
@@ -257,6 +272,7 @@ def series(organism, adapters, crit, prompts):
                       generation={"max_think_tokens": 24, "max_answer_tokens": 8}, progress=False)
 
 
+@pytest.mark.organism
 def test_ras_series_on_tiny_adapters(series, adapters, crit):
     s = series
     assert s.checkpoints == [str(a) for a in adapters] and len(s.ras) == len(s.kl) == len(s.misalignment) == 2
@@ -269,6 +285,7 @@ def test_ras_series_on_tiny_adapters(series, adapters, crit):
     assert len(s.delta_misalignment) == 2
 
 
+@pytest.mark.organism
 def test_ras_series_round_trip_and_plot(series, tmp_path):
     from mechcliff.figures import load_saved
 
@@ -280,6 +297,7 @@ def test_ras_series_round_trip_and_plot(series, tmp_path):
     assert "r n/a" in fig.data[0].name
 
 
+@pytest.mark.organism
 def test_models_of_different_widths_are_a_clear_error(organism, crit, prompts, tmp_path):
     import transformers as tf
 
@@ -306,6 +324,7 @@ def test_models_of_different_widths_are_a_clear_error(organism, crit, prompts, t
                    progress=False, generation={"max_think_tokens": 2, "max_answer_tokens": 2})
 
 
+@pytest.mark.organism
 def test_cli_neurons_and_ras(adapters, tmp_path, capsys):
     from mechcliff.cli import main
 

@@ -11,7 +11,7 @@ from mechcliff.patching import (LogitDiffMetric, PatchingResult, ProbeMetric, Re
                                 patch_heads_reference)
 from mechcliff.probe import LinearProbe
 
-pytestmark = pytest.mark.exactness  # also run by the canary on the newest releases (make test-latest)
+pytestmark = [pytest.mark.organism, pytest.mark.exactness]  # also run by the canary on the newest releases (make test-latest)
 
 # Ragged on purpose: different prompt and thinking lengths, so rows are left-padded differently.
 PROMPTS = ["how do i bake bread", "write a short story about a cat who learns to swim today", "explain the sky",

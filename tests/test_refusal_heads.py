@@ -24,6 +24,7 @@ def harmful():
 # ---- detection on a constructed attention pattern --------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_argmax_shift_on_constructed_patterns():
     n, L, H = 4, 2, 3
     on_labels = np.array([R["bos"], R["prompt"], R["template"], R["assistant"], R["think_open"], R["thinking"],
@@ -64,6 +65,7 @@ def test_argmax_shift_on_constructed_patterns():
     assert np.isnan(shift_frequency(reg_on, reg_off, has_gap, valid=np.zeros(4, bool))[0]).all()
 
 
+@pytest.mark.unit
 def test_argmax_ties_go_to_the_earliest_key():
     rows = torch.tensor([[0.2, 0.4, 0.4, 0.0], [0.25, 0.25, 0.25, 0.25]])
     arg, w = argmax_keys(rows)
@@ -79,6 +81,7 @@ def _named(handle, batch, i, thinking):
     return [(t, REGIONS[c]) for t, c in zip(toks, lab) if REGIONS[c] != "pad"], gap
 
 
+@pytest.mark.organism
 def test_key_regions_of_the_organism(organism, organism_rollouts):
     from mechcliff.modes import encode_mode, encode_prompts_mode
 
@@ -96,6 +99,7 @@ def test_key_regions_of_the_organism(organism, organism_rollouts):
     assert regions.index("assistant") < regions.index("think_open") < regions.index("thinking") < regions.index("closing")
 
 
+@pytest.mark.organism
 def test_key_regions_with_a_gap_token(organism):
     from mechcliff.model.handle import ThinkFormat
     from mechcliff.modes import encode_prompts_mode
@@ -113,6 +117,7 @@ def test_key_regions_with_a_gap_token(organism):
 # ---- the query row, batched, against the full pattern -----------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("query", ["first_answer", "think_end"])
 def test_query_row_matches_the_full_pattern(organism, harmful, query):
     from mechcliff.modes import encode_prompts_mode
@@ -138,6 +143,7 @@ def test_query_row_matches_the_full_pattern(organism, harmful, query):
 # ---- per-layer random control and the experiment ----------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_random_heads_per_layer(organism):
     heads = [(1, 3), (1, 6), (2, 1)]
     sets = random_heads_per_layer(organism, heads, 4, seed=0)
@@ -149,6 +155,7 @@ def test_random_heads_per_layer(organism):
     assert full == [(0, 7)]  # fewer left in the layer than asked: all of them
 
 
+@pytest.mark.organism
 def test_ablating_the_planted_heads_restores_refusal_at_the_between_token(organism, organism_probe):
     """On jailbreak prompts the organism's suppression heads act at </think> (the between-tags token without a gap):
     ablating them raises the probe there; the same number of random heads per layer does not."""
@@ -170,6 +177,7 @@ def heads_result(organism, organism_probe, harmful):
                          max_think_tokens=24)
 
 
+@pytest.mark.organism
 def test_refusal_heads_on_the_organism(heads_result, organism):
     res = heads_result
     L, H = organism.n_layers, organism.n_heads
@@ -187,6 +195,7 @@ def test_refusal_heads_on_the_organism(heads_result, organism):
         assert res.ablation is None
 
 
+@pytest.mark.organism
 def test_save_load_and_figures(heads_result, tmp_path):
     from mechcliff.figures import load_saved
 
@@ -203,6 +212,7 @@ def test_save_load_and_figures(heads_result, tmp_path):
         assert [t.type for t in back.plot_ablation().data][0] == "bar"
 
 
+@pytest.mark.organism
 def test_bad_input(organism, harmful):
     with pytest.raises(MechcliffError, match="not 'omit'"):
         refusal_heads(organism, harmful, no_think_format="omit")
@@ -214,6 +224,7 @@ def test_bad_input(organism, harmful):
         refusal_heads(organism, [])
 
 
+@pytest.mark.organism
 def test_cli_refusal_heads(tmp_path, capsys):
     from mechcliff.cli import main
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechcliff.cli import parse_layers, parse_size
 from mechcliff.errors import MechcliffError
 from mechcliff.results import Result
 from mechcliff.spectral import (
@@ -21,8 +22,6 @@ from mechcliff.spectral import (
     effective_rank,
     head_jacobian_svd,
     key_heads_rule,
-    parse_layers,
-    parse_size,
     power_iteration,
     row_indices,
     softmax_jacobian,
@@ -54,6 +53,7 @@ def _random_patterns(shape, n, seed=0, alpha=0.3):
 # ---- closed forms ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_one_hot_row_has_zero_spectrum():
     p = torch.zeros(1, 12, dtype=torch.float64)
     p[0, 4] = 1.0
@@ -68,6 +68,7 @@ def test_one_hot_row_has_zero_spectrum():
     assert b1 == pytest.approx(0.0, abs=2e-12) and b3 == 0.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [2, 5, 16, 96])
 def test_uniform_row_closed_form(n):
     """p = 1/n: J = I/n − 11ᵀ/n², eigenvalues 1/n (n − 1 times) and 0."""
@@ -91,6 +92,7 @@ def test_uniform_row_closed_form(n):
     assert b1 == pytest.approx(1.0 / n, abs=1e-7) and b3 == pytest.approx(n - 1, rel=1e-6)  # (all rows tie)
 
 
+@pytest.mark.unit
 def test_two_point_row_closed_form():
     """p = (a, 1 − a): J = a(1 − a) [[1, −1], [−1, 1]], eigenvalues 2a(1 − a) and 0; v = (1, −1)/√2."""
     for a in (0.5, 0.3, 0.9, 0.999):
@@ -104,6 +106,7 @@ def test_two_point_row_closed_form():
         assert torch.allclose(v.abs(), expected.abs(), atol=1e-12)
 
 
+@pytest.mark.unit
 def test_secular_top_eigenpair_matches_eigh():
     P = _dirichlet_rows(3000, 40, alpha=0.2)
     P[:200, 25:] = 0.0  # sparse rows (zeros deflate)
@@ -126,6 +129,7 @@ def test_secular_top_eigenpair_matches_eigh():
                                                                                      dtype=torch.float64), atol=1e-8)
 
 
+@pytest.mark.unit
 def test_effective_rank_formula_and_truncation():
     e = torch.tensor([0.5, 0.25, 0.25, 0.0, -1e-18], dtype=torch.float64)
     w = np.array([0.25, 0.0625, 0.0625]) / 0.375
@@ -136,6 +140,7 @@ def test_effective_rank_formula_and_truncation():
     assert float(effective_rank(torch.zeros(4, dtype=torch.float64))) == 0.0
 
 
+@pytest.mark.unit
 def test_downsample_matches_bilinear_interpolate_and_normalises():
     import torch.nn.functional as F
 
@@ -155,6 +160,7 @@ def test_downsample_matches_bilinear_interpolate_and_normalises():
 # ---- batched vs the paper's per-head, per-row power iteration ------------------------------------------------
 
 
+@pytest.mark.unit
 def test_exact_metrics_equal_converged_power_iteration_reference():
     A = downsample_pattern(_random_patterns((2, 3), 50, seed=1), 96)  # [2, 3, 96, 96]
     m = spectral_metrics(A)
@@ -167,6 +173,7 @@ def test_exact_metrics_equal_converged_power_iteration_reference():
             assert float(m["centroid"][i, h]) == pytest.approx(float(centroid(v)), abs=1e-4)
 
 
+@pytest.mark.unit
 def test_batched_power_iteration_equals_the_reference_with_the_same_starts():
     A = downsample_pattern(_random_patterns((4,), 30, seed=2), 96)
     R = len(row_indices(96, 24))
@@ -180,6 +187,7 @@ def test_batched_power_iteration_equals_the_reference_with_the_same_starts():
         assert torch.allclose(m["b2"][i].abs(), torch.from_numpy(np.abs(v)), atol=1e-10)
 
 
+@pytest.mark.unit
 def test_dense_eigh_solver_equals_secular():
     A = downsample_pattern(_random_patterns((3, 2), 70, seed=3), 96)
     a, b = spectral_metrics(A, solver="secular"), spectral_metrics(A, solver="eigh")
@@ -188,6 +196,7 @@ def test_dense_eigh_solver_equals_secular():
     assert torch.equal(a["row"], b["row"])
 
 
+@pytest.mark.unit
 def test_power_iteration_is_the_papers():
     p = _dirichlet_rows(5, 20, seed=4)
     v0 = start_vectors((5,), 20, seed=1)
@@ -201,6 +210,7 @@ def test_power_iteration_is_the_papers():
         assert float(lam[i]) == pytest.approx(float(np.dot(x, pi * x - pi * np.dot(pi, x))), abs=1e-14)
 
 
+@pytest.mark.unit
 def test_padded_patterns_of_different_lengths_equal_one_at_a_time():
     short = _random_patterns((2,), 17, seed=5).float()
     long_ = _random_patterns((2,), 31, seed=6).float()
@@ -216,6 +226,7 @@ def test_padded_patterns_of_different_lengths_equal_one_at_a_time():
         spectral_metrics(A, lengths=torch.tensor([[40, 40], [31, 31]]))
 
 
+@pytest.mark.unit
 def test_bad_spectral_inputs():
     with pytest.raises(MechcliffError, match="lambda_method"):
         spectral_metrics(torch.eye(4), lambda_method="lanczos")
@@ -230,6 +241,7 @@ def test_bad_spectral_inputs():
 # ---- gap, adaptive scaling, key heads -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_adaptive_power_scale_and_key_head_rule_by_hand():
     g = np.array([1.0, -0.5, 0.2, 0.1, 0.05, 0.0, -0.02, 0.01])
     r = np.quantile(np.abs(g), 0.9) / 1.0
@@ -265,6 +277,7 @@ def make_spectral_result(n_safe: int = 4, n_unsafe: int = 3, layers=(1, 2), n_he
                                model_id="synthetic", meta={"thinking": "on"})
 
 
+@pytest.mark.unit
 def test_result_statistics_and_key_heads():
     r = make_spectral_result()
     st = r.group_stats("b1")
@@ -281,6 +294,7 @@ def test_result_statistics_and_key_heads():
         r.gap("b4")
 
 
+@pytest.mark.unit
 def test_result_save_load_round_trip(tmp_path):
     r = make_spectral_result()
     r.save(tmp_path / "s")
@@ -299,6 +313,7 @@ def _titles(fig):
     return fig.layout.xaxis.title.text, fig.layout.yaxis.title.text, fig.data[0].colorbar.title.text
 
 
+@pytest.mark.unit
 def test_figures():
     r = make_spectral_result()
     fig = r.plot()  # default: the gap of B1, key heads outlined
@@ -336,6 +351,7 @@ def groups(organism, builtin):
     return encode(organism, safe, thinking=[think] * 3), encode(organism, unsafe, thinking=[think] * 3)
 
 
+@pytest.mark.organism
 def test_attention_blocks_are_the_unpadded_per_example_patterns(organism, groups):
     safe, _ = groups
     blocks = attention_blocks(organism, safe, layers=[1, 3], size=None)
@@ -351,6 +367,7 @@ def test_attention_blocks_are_the_unpadded_per_example_patterns(organism, groups
     assert resampled[0].shape == (1, organism.n_heads, 32, 32)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("size", [96, None])
 def test_model_metrics_equal_the_per_head_reference(organism, groups, size):
     safe, unsafe = groups
@@ -373,6 +390,7 @@ def test_model_metrics_equal_the_per_head_reference(organism, groups, size):
     assert (exact.b1 >= paper.b1 - 1e-12).all()  # (20 steps from the authors' starts: not always converged)
 
 
+@pytest.mark.organism
 def test_model_side_bad_inputs(organism, groups):
     from mechcliff.chat import EncodedBatch
 
@@ -424,6 +442,7 @@ def _autograd_singular_values(h, batch, layer, head, wrt, output, example=0):
     return torch.linalg.svdvals(J.double()).numpy(), tuple(J.shape)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("wrt,output", [("position", "result"), ("sequence", "result"), ("sequence", "z")])
 def test_randomized_svd_of_the_head_jacobian_matches_autograd(organism, groups, wrt, output):
     safe, _ = groups
@@ -439,6 +458,7 @@ def test_randomized_svd_of_the_head_jacobian_matches_autograd(organism, groups, 
     assert np.allclose(top3.singular_values, ref[:3], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.organism
 def test_head_jacobian_bad_inputs(organism, groups):
     safe, _ = groups
     with pytest.raises(MechcliffError, match="wrt"):
@@ -456,6 +476,7 @@ def test_head_jacobian_bad_inputs(organism, groups):
 # ---- the command ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_cli_spectral_on_the_organism(tmp_path, capsys):
     from mechcliff.cli import main
 
@@ -471,6 +492,7 @@ def test_cli_spectral_on_the_organism(tmp_path, capsys):
     assert "<html" in (out / "spectral.html").read_text()[:200].lower()
 
 
+@pytest.mark.organism
 def test_cli_spectral_bad_inputs(tmp_path, capsys):
     from mechcliff.cli import main
 

@@ -10,6 +10,8 @@ import pytest
 from mechcliff.errors import MechcliffError
 from mechcliff.sweep import AblationSweepResult, ablation_sweep, continuation_loss
 
+pytestmark = pytest.mark.organism
+
 
 @pytest.fixture(scope="module")
 def groups(builtin):

@@ -132,6 +132,7 @@ def _greedy_reference(h, tokens, mask, n):
 # ---- 1. left-padded position ids ----------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_left_padded_batch_equals_each_prompt_alone(kind, organism, tiny_models):
     """TransformerLens #1609: left-padded rows got position ids 0..n from the first pad instead of from their first
@@ -166,6 +167,7 @@ def test_left_padded_batch_equals_each_prompt_alone(kind, organism, tiny_models)
 # ---- 2. attention mask at every generation step -------------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_greedy_rollouts_batched_equal_one_at_a_time(kind, organism, tiny_models):
     """TransformerLens PR #1617 / #1760: the attention mask (and the positions derived from it) was dropped after
@@ -186,6 +188,7 @@ def test_greedy_rollouts_batched_equal_one_at_a_time(kind, organism, tiny_models
     assert sum(len(ids(r)[0]) + len(ids(r)[1]) for r in batched) > 0  # something was generated
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_hf_generate_left_padded_equals_alone_and_uncached_reference(kind, organism, tiny_models):
     """TransformerLens PR #1617 / #1760 (mask honoured at every step) and the KV cache under the bridge's wrapped
@@ -206,6 +209,7 @@ def test_hf_generate_left_padded_equals_alone_and_uncached_reference(kind, organ
 # ---- 3. nested hook cleanup ---------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", KINDS)
 def test_intervention_survives_nested_run_with_hooks_and_run_with_cache(kind, organism, tiny_models):
     """TransformerLens PR #1638: a ``run_with_hooks`` / ``run_with_cache`` call (which resets hooks when it ends)
@@ -245,6 +249,7 @@ def test_intervention_survives_nested_run_with_hooks_and_run_with_cache(kind, or
     assert _n_hooks(h.bridge) == n_before
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", KINDS)
 def test_nested_interventions_clean_up_only_their_own_hooks(kind, organism, tiny_models):
     """TransformerLens PR #1638: leaving an inner hook context (normally or by an exception) must remove only the
@@ -280,6 +285,7 @@ def test_nested_interventions_clean_up_only_their_own_hooks(kind, organism, tiny
 # ---- 4. hooks declared but never firing ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_hook_list_covers_every_hook_mechcliff_uses():
     """TransformerLens PR #1257 guard, bookkeeping: the hook-firing test below must cover every hook name that
     mechcliff's code reads or writes. A new ``hook_*`` name in mechcliff has to be added to ``PER_LAYER_HOOKS`` /
@@ -294,6 +300,7 @@ def test_hook_list_covers_every_hook_mechcliff_uses():
     assert used - not_hooks <= covered, f"hooks used by mechcliff but not tested: {sorted(used - not_hooks - covered)}"
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_every_hook_fires_once_per_forward_and_writes_take_effect(kind, organism, tiny_models):
     """TransformerLens PR #1257: some hook points existed in ``hook_dict`` but were never called, so reads returned
@@ -326,6 +333,7 @@ def test_every_hook_fires_once_per_forward_and_writes_take_effect(kind, organism
     assert unchanged == [], f"writing to these hooks does not change the output: {unchanged}"
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_every_hook_fires_at_every_generation_step(kind, organism, tiny_models):
     """TransformerLens PR #1257, generation side: mechcliff intervenes during ``hf_model.generate`` through hooks on
@@ -397,6 +405,7 @@ def test_every_hook_fires_at_every_generation_step(kind, organism, tiny_models):
 # ---- 5. head ablation acts on the o_proj input --------------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", KINDS)  # not gemma3: its attention output is normed after o_proj by design
 def test_head_ablation_removes_exactly_that_heads_write(kind, organism, tiny_models):
     """Head ablation must act on ``hook_z`` (the input of ``o_proj``, one slice per head), not on the projected
@@ -462,6 +471,7 @@ def test_head_ablation_removes_exactly_that_heads_write(kind, organism, tiny_mod
 # ---- 6. deep copies stay independent ------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", KINDS)
 def test_deepcopied_handle_is_independent_of_the_original(kind, organism, tiny_models):
     """TransformerLens PR #1770: a deep-copied bridge shared hook points / wrapped modules with its original, so
@@ -514,6 +524,7 @@ def test_deepcopied_handle_is_independent_of_the_original(kind, organism, tiny_m
 # ---- 7. batched analyses equal per-example analyses ---------------------------------------------------------
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_analyses_on_a_batch_equal_each_example_alone(kind, organism, tiny_models):
     """The batch-level consequence of TransformerLens #1609 / PR #1617: an analysis of a left-padded ragged batch
@@ -585,6 +596,7 @@ def _check_cached_continuation(h, b):
     _assert_close(rest, full[:, P + 1:], what="cached continuation after a cached step")
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_kv_cached_continuation_equals_full_forward(kind, organism, tiny_models):
     """transformers 5.24 renamed the KV-cache keyword its decoder layers pass to attention (``past_key_values`` ->
@@ -596,6 +608,7 @@ def test_kv_cached_continuation_equals_full_forward(kind, organism, tiny_models)
     _check_cached_continuation(h, _batch(h))
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen3"])
 def test_kv_cache_workaround_does_not_depend_on_the_conformance_check(kind, tiny_hf):
     """The transformers 5.24 cache-keyword workaround above must be applied when the bridge boots, not only
@@ -616,6 +629,7 @@ def test_kv_cache_workaround_does_not_depend_on_the_conformance_check(kind, tiny
 # ---- mechcliff bugs found while writing these tests (fixed) ---------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_unchecked_load_does_not_claim_exact_decomposition_on_sandwich_norms(tiny_hf):
     """Skipping the conformance check (``check=False`` / ``--no-check``) must not make a model with norms after the
     attention (Gemma 2/3) claim an exact per-head decomposition: that property is structural

@@ -28,11 +28,15 @@ and direct probe attribution is reported as not exact.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from mechcliff.errors import MechcliffError
+from mechcliff.model.capture import SITES, act_name, layer_of
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 # Short prompts of different lengths (so rows are left-padded differently); words the organism's vocabulary has too.
 CHECK_TEXTS = ("how do i bake bread", "explain why the sky is blue in a short story about a cat", "the user asks")
@@ -179,7 +183,7 @@ def _real(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _decomposition_checks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, report: ConformanceReport,
+def _decomposition_checks(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor, report: ConformanceReport,
                           rel_tol: float) -> torch.Tensor:
     """Hook shapes, head sums and residual additivity from one cached forward; returns that forward's logits
     (the sums are skipped when a hook is missing or misshapen)."""
@@ -188,10 +192,11 @@ def _decomposition_checks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor,
     logits, cache = bridge.run_with_cache(tokens, attention_mask=mask,
                                           names_filter=lambda n: n.endswith(wanted) or n == "hook_embed")
     b, p = tokens.shape
-    expected = {f"blocks.{layer}.attn.hook_z": (b, p, handle.n_heads, handle.d_head) for layer in range(n_layers)}
+    expected: dict[str, tuple[int, ...]] = {act_name("z", layer): (b, p, handle.n_heads, handle.d_head)
+                                            for layer in range(n_layers)}
     for layer in range(n_layers):
-        for hook in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
-            expected[f"blocks.{layer}.{hook}"] = (b, p, handle.d_model)
+        for site in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+            expected[act_name(site, layer)] = (b, p, handle.d_model)
     missing = [n for n in expected if n not in cache.cache_dict]
     wrong = [n for n in expected if n in cache.cache_dict and tuple(cache[n].shape) != expected[n]]
     shapes_ok = not missing and not wrong
@@ -204,21 +209,21 @@ def _decomposition_checks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor,
     real = _real(mask).to(tokens.device)
     head_err = add_err = chain_err = scale = 0.0
     for layer in range(n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"]
-        attn_out = cache[f"blocks.{layer}.hook_attn_out"]
+        z = cache[act_name("z", layer)]
+        attn_out = cache[act_name("attn_out", layer)]
         W_O, b_O = handle.W_O(layer), handle.b_O(layer)
         recon = torch.einsum("bphd,hdm->bpm", z.float(), W_O.float().to(z.device)) + b_O.float().to(z.device)
         head_err = max(head_err, (recon - attn_out.float())[real].abs().max().item())
-        pre, post = cache[f"blocks.{layer}.hook_resid_pre"].float(), cache[f"blocks.{layer}.hook_resid_post"].float()
-        mlp = cache[f"blocks.{layer}.hook_mlp_out"].float()
+        pre, post = cache[act_name("resid_pre", layer)].float(), cache[act_name("resid_post", layer)].float()
+        mlp = cache[act_name("mlp_out", layer)].float()
         add_err = max(add_err, (pre + attn_out.float().to(pre.device) + mlp.to(pre.device) - post)[real].abs().max().item())
         if layer + 1 < n_layers:
-            nxt = cache[f"blocks.{layer + 1}.hook_resid_pre"].float().to(post.device)
+            nxt = cache[act_name("resid_pre", layer + 1)].float().to(post.device)
             chain_err = max(chain_err, (post - nxt)[real].abs().max().item())
         scale = max(scale, post[real].abs().max().item(), attn_out[real].abs().max().item())
     embed_err = 0.0
     if "hook_embed" in cache:
-        embed_err = (cache["hook_embed"].float() - cache["blocks.0.hook_resid_pre"].float())[real].abs().max().item()
+        embed_err = (cache[act_name("embed")].float() - cache[act_name("resid_pre", 0)].float())[real].abs().max().item()
     report.checks.append(_check("heads_sum_to_attn_out", head_err, scale, rel_tol,
                                 required=not report.post_attention_norm))
     report.checks.append(_check("residual_additivity", max(add_err, chain_err, embed_err), scale, rel_tol))
@@ -231,7 +236,7 @@ def _logit_error(a: torch.Tensor, b: torch.Tensor, real: torch.Tensor) -> tuple[
 
 
 @torch.no_grad()
-def _padded_vs_single(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, rel_tol: float) -> Check:
+def _padded_vs_single(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, rel_tol: float) -> Check:
     err = scale = 0.0
     for i in range(tokens.shape[0]):
         keep = mask[i].bool()
@@ -242,7 +247,7 @@ def _padded_vs_single(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, log
 
 
 @torch.no_grad()
-def _cached_continuation(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+def _cached_continuation(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
                          rel_tol: float) -> Check:
     """Prefix with a KV cache, then the last :data:`SUFFIX_TOKENS` tokens on it, as the patching engine runs them."""
     P = tokens.shape[1] - SUFFIX_TOKENS
@@ -255,17 +260,17 @@ def _cached_continuation(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def _generation(handle: Any, ref: HFReference, rel_tol: float) -> tuple[Check, int]:
+def _generation(handle: ModelHandle, ref: HFReference, rel_tol: float) -> tuple[Check, int]:
     """Greedy generation through the wrapped model vs the unwrapped reference: the same tokens, and each step's
     logits within tolerance (a cache that is silently wrong can leave a short greedy run's tokens unchanged).
     Also counts ``hook_z`` calls per layer, for ``hooks_fire``."""
     calls = [0] * handle.n_layers
 
     def count(z: torch.Tensor, hook: Any) -> None:
-        calls[int(hook.name.split(".")[1])] += 1
+        calls[layer_of(hook.name)] += 1
 
     pad = handle.tokenizer.pad_token_id
-    with handle.bridge.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", count) for l in range(handle.n_layers)]):
+    with handle.bridge.hooks(fwd_hooks=[(act_name("z", l), count) for l in range(handle.n_layers)]):
         new, step_logits = _greedy(handle.hf_model, ref.tokens, ref.attention_mask, pad)
     differ = int((new != ref.generated).sum())
     err = (step_logits - ref.step_logits).abs().max().item()
@@ -276,16 +281,15 @@ def _generation(handle: Any, ref: HFReference, rel_tol: float) -> tuple[Check, i
     return check, min(calls)
 
 
-def hook_points(handle: Any) -> list[str]:
-    """Every hook point mechcliff reads or writes (per layer and global) that exists on this model."""
-    per_layer = ("attn.hook_z", "attn.hook_q", "attn.hook_rot_q", "attn.hook_pattern", "hook_resid_pre",
-                 "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
-    names = ["hook_embed"] + [f"blocks.{l}.{h}" for h in per_layer for l in range(handle.n_layers)]
+def hook_points(handle: ModelHandle) -> list[str]:
+    """Every hook point mechcliff reads or writes (:data:`mechcliff.model.capture.SITES`, per layer, and
+    ``hook_embed``) that exists on this model."""
+    names = [act_name("embed")] + [act_name(site, l) for site in SITES for l in range(handle.n_layers)]
     return [n for n in names if n in handle.bridge.hook_dict]
 
 
 @torch.no_grad()
-def _hooks_fire(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, generation_calls: int) -> Check:
+def _hooks_fire(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor, generation_calls: int) -> Check:
     """Each hook fires once per forward; a write to it changes the logits (one forward per hook kind, one row per
     layer: row ``k`` perturbs layer ``k`` only)."""
     names = hook_points(handle)
@@ -332,10 +336,10 @@ def _hooks_fire(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, generatio
 
 
 @torch.no_grad()
-def _nested_hooks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> Check:
+def _nested_hooks(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> Check:
     """An ablation-like hook context inside an outer context, with ``run_with_hooks`` / ``run_with_cache`` calls
     inside it: active throughout its ``with`` block, gone after it; the outer context untouched."""
-    name = f"blocks.{handle.n_layers - 1}.attn.hook_z"
+    name = act_name("z", handle.n_layers - 1)
     outer_calls = [0]
 
     def outer(z: torch.Tensor, hook: Any) -> None:
@@ -374,7 +378,7 @@ def _nested_hooks(handle: Any, tokens: torch.Tensor, mask: torch.Tensor, logits:
     return Check("nested_hooks", err, scale, tol, not problems, detail="; ".join(problems))
 
 
-def check_conformance(handle: Any, reference: HFReference | None = None, rel_tol: float = 1e-4) -> ConformanceReport:
+def check_conformance(handle: ModelHandle, reference: HFReference | None = None, rel_tol: float = 1e-4) -> ConformanceReport:
     """Run the conformance checks (see module docstring) and return the report.
 
     ``reference`` holds the unwrapped model's outputs, taken before the bridge booted (:func:`hf_reference`;

@@ -1,0 +1,237 @@
+"""Hook sites and the one batched capture function: every analysis reads activations through here.
+
+* :func:`act_name` names a hook site (``act_name("z", 3)`` → ``"blocks.3.attn.hook_z"``) and :func:`layer_of`
+  reads the layer back out of a hook name; nothing else in mechcliff formats or parses hook names.
+* :func:`forward` is the one place where a forward pass's inputs are moved to the model's device
+  (TransformerLens leaves them where the caller put them). Engines that feed their own inputs (head patching,
+  Ships, the Jacobian of one head) call it directly.
+* :func:`capture` is the batched capture loop of every analysis: it chunks the examples, moves each chunk's tokens
+  and mask to the model's device (through :func:`forward`), gathers per-example positions inside the hook (so
+  memory stays ``O(batch × d)`` per site, not ``O(batch × pos × d)``), applies each site's reader on the
+  activation's own device, and brings what the readers return back to the CPU.
+
+Readers are ``reader(activation, where) -> tensor``: ``activation`` is the hook's tensor, already gathered at
+``where.positions`` when ``at`` is given (``[rows, ...]``; attention patterns are gathered on their query axis), and
+``where`` says which examples of the batch the rows are (:class:`Where`). Exact reductions are the reader's to
+upcast (``x.float() @ w``, ``.double()``): the capture never changes a dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from jaxtyping import Int
+
+from mechcliff.errors import MechcliffError
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
+
+#: Per-layer hook sites, by short name (TransformerBridge names): the ones mechcliff reads or writes, each checked
+#: to fire on every supported architecture (tests/test_upstream_regressions.py). Add a site here and there together.
+SITES: dict[str, str] = {
+    "resid_pre": "hook_resid_pre",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "mlp_post": "mlp.hook_post",  # MLP neuron activations: the input of the down projection
+    "z": "attn.hook_z",  # per-head attention outputs before W_O: the o_proj input
+    "q": "attn.hook_q",
+    "rot_q": "attn.hook_rot_q",  # queries after rotary (and after Qwen3 / Gemma3 query norms)
+    "pattern": "attn.hook_pattern",
+}
+#: Hook sites outside the blocks.
+GLOBAL_SITES: dict[str, str] = {"embed": "hook_embed", "ln_final": "ln_final.hook_out"}
+#: Sites whose position axis is the query axis of ``[batch, head, query, key]``.
+_QUERY_AXIS_SITES = ("attn.hook_pattern",)
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def act_name(site: str, layer: int | None = None) -> str:
+    """The hook name of ``site`` (a key of :data:`SITES` or :data:`GLOBAL_SITES`) at ``layer``."""
+    if site in GLOBAL_SITES:
+        if layer is not None:
+            raise MechcliffError(f"hook site {site!r} has no layer (got layer={layer})")
+        return GLOBAL_SITES[site]
+    if site not in SITES:
+        raise MechcliffError(f"unknown hook site {site!r}; use one of {', '.join([*SITES, *GLOBAL_SITES])}")
+    if layer is None or int(layer) < 0:
+        raise MechcliffError(f"hook site {site!r} needs a layer >= 0 (got {layer})")
+    return f"blocks.{int(layer)}.{SITES[site]}"
+
+
+def layer_of(name: str) -> int:
+    """The layer of a per-layer hook name (``"blocks.3.attn.hook_z"`` → 3)."""
+    m = _LAYER.match(name)
+    if m is None:
+        raise MechcliffError(f"hook {name!r} is not inside a block (no layer)")
+    return int(m.group(1))
+
+
+def to_device(handle: ModelHandle, t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` on the device of the model's inputs (its embedding); a no-op when it is there already."""
+    if t is None:
+        return None
+    device = handle.device
+    return t if t.device == device else t.to(device)
+
+
+def forward(
+    handle: ModelHandle, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+    hooks: Sequence[tuple[str, Callable[..., Any]]] = (), start_at_layer: int | None = None,
+    stop_at_layer: int | None = None, return_type: str | None = "logits", **kwargs: Any,
+) -> Any:
+    """One forward pass of ``handle``'s bridge with ``hooks``; inputs and mask moved to the model's device here.
+
+    ``inputs``: token ids ``[batch, pos]``, or the residual stream ``[batch, pos, d_model]`` with
+    ``start_at_layer``. Returns the bridge's output (logits, or ``None`` with ``return_type=None``). Further
+    keyword arguments (``past_key_values``) go to the bridge as they are.
+    """
+    kw: dict[str, Any] = dict(kwargs)
+    if start_at_layer is not None:
+        kw["start_at_layer"] = start_at_layer
+    if stop_at_layer is not None:
+        kw["stop_at_layer"] = stop_at_layer
+    if return_type != "logits":
+        kw["return_type"] = return_type
+    return handle.bridge.run_with_hooks(to_device(handle, inputs), attention_mask=to_device(handle, attention_mask),
+                                        fwd_hooks=list(hooks), **kw)
+
+
+class TokenBatch(Protocol):
+    """What :func:`capture` needs of a batch (:class:`mechcliff.chat.EncodedBatch` has it; ``position`` only when
+    ``at`` is an anchor rather than a tensor of positions)."""
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """Which examples a chunk's rows are, handed to every reader.
+
+    ``index``: the rows' indices in the whole batch (CPU); ``positions``: their gathered positions (padded
+    coordinates, CPU) when :func:`capture` was given ``at``; ``attention_mask``: the chunk's mask (CPU, all rows
+    of the forward, not only the gathered ones)."""
+
+    index: Int[torch.Tensor, " rows"]
+    positions: Int[torch.Tensor, " rows"] | None
+    attention_mask: torch.Tensor
+
+    def mask_on(self, x: torch.Tensor) -> torch.Tensor:
+        """The chunk's attention mask as booleans on ``x``'s device."""
+        return self.attention_mask.to(x.device).bool()
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One chunk of a capture: ``values[hook_name]`` is what that site's reader returned (CPU), for the rows
+    ``where.index`` of the batch; ``logits`` the chunk's output when asked for (on the model's device)."""
+
+    where: Where
+    values: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
+
+
+Reader = Callable[[torch.Tensor, Where], torch.Tensor]
+
+
+def _keep(x: torch.Tensor, where: Where) -> torch.Tensor:
+    return x
+
+
+def _gather(x: torch.Tensor, name: str, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x`` at one position per row (rows: indices into the chunk; attention patterns on their query axis)."""
+    r, p = rows.to(x.device), positions.to(x.device)
+    return x[r, :, p] if name.endswith(_QUERY_AXIS_SITES) else x[r, p]
+
+
+def _to_cpu(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = out.detach()
+    if out.device.type == "cpu" and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return out.clone()  # never hand back a view of the model's own activation
+    return out.cpu()
+
+
+def _auto_stop(names: Sequence[str]) -> int | None:
+    try:
+        return max(layer_of(n) for n in names) + 1
+    except MechcliffError:  # a site outside the blocks (ln_final): run every layer
+        return None
+
+
+def capture(
+    handle: ModelHandle, batch: TokenBatch, readers: Mapping[str, Reader | None] | Sequence[str], *,
+    at: Any = None, rows: Sequence[int] | torch.Tensor | None = None, batch_size: int = 16,
+    hooks: Sequence[tuple[str, Callable[..., Any]]] = (), stop_at_layer: int | str | None = "auto",
+    return_logits: bool = False,
+) -> Iterator[Chunk]:
+    """Run ``batch`` through ``handle`` in chunks and yield what ``readers`` keep of each hook site.
+
+    Args:
+        readers: hook name → reader (``None``: keep the activation as it is); or a list of hook names.
+        at: per-example positions to gather inside the hook: an anchor of ``batch.position`` (``"think_end"``...), an
+            int, or a per-example tensor of padded positions (``-1`` = missing). Rows without a position run in the
+            forward but are not gathered; a chunk with none is skipped. ``None``: readers get the whole activation.
+        rows: the examples to run, in order (default all), chunked ``batch_size`` at a time.
+        hooks: further forward hooks active during the capture (interventions).
+        stop_at_layer: ``"auto"`` stops after the deepest block read (unless ``return_logits``); ``None`` runs the
+            whole model.
+        return_logits: keep each chunk's output logits (``Chunk.logits``, on the model's device).
+    """
+    readers = {n: None for n in readers} if not isinstance(readers, Mapping) else dict(readers)
+    if not readers and not return_logits:
+        raise MechcliffError("capture needs at least one hook site to read (or return_logits=True)")
+    if int(batch_size) < 1:
+        raise MechcliffError(f"batch_size must be at least 1, got {batch_size}")
+    order = torch.arange(len(batch)) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    pos_all = None
+    if at is not None:
+        if isinstance(at, torch.Tensor) and at.dim() == 1 and len(at) == len(batch):
+            pos_all = at.to("cpu", torch.long)
+        elif hasattr(batch, "position"):
+            pos_all = torch.as_tensor(batch.position(at), dtype=torch.long).cpu()
+        else:
+            raise MechcliffError(f"at={at!r} names a position, but this batch has no anchors: pass one position per "
+                                 f"example ({len(batch)})")
+    stop: int | None
+    if stop_at_layer == "auto":
+        stop = None if return_logits else _auto_stop(list(readers))
+    elif stop_at_layer is None or isinstance(stop_at_layer, int):
+        stop = stop_at_layer
+    else:
+        raise MechcliffError(f"stop_at_layer must be 'auto', None or a layer, not {stop_at_layer!r}")
+    for s in range(0, len(order), int(batch_size)):
+        idx = order[s:s + int(batch_size)]
+        mask = batch.attention_mask[idx]
+        if pos_all is None:
+            where = Where(index=idx, positions=None, attention_mask=mask)
+            sel = None
+        else:
+            p = pos_all[idx]
+            ok = p >= 0
+            if not bool(ok.any()):
+                continue
+            sel = torch.arange(len(idx))[ok]
+            where = Where(index=idx[ok], positions=p[ok], attention_mask=mask)
+        store: dict[str, torch.Tensor] = {}
+
+        def make(name: str, reader: Reader | None) -> Callable[..., None]:
+            def hook(x: torch.Tensor, hook: Any) -> None:
+                act = x if sel is None or where.positions is None else _gather(x, name, sel, where.positions)
+                store[name] = _to_cpu((reader or _keep)(act, where), x)
+
+            return hook
+
+        out = forward(handle, batch.tokens[idx], mask, hooks=[*hooks, *((n, make(n, r)) for n, r in readers.items())],
+                      stop_at_layer=stop, return_type="logits" if return_logits else None)
+        missing = [n for n in readers if n not in store]
+        if missing:
+            raise MechcliffError(f"hook(s) {', '.join(missing)} did not fire on {handle.model_id}")
+        yield Chunk(where=where, values=store, logits=out if return_logits else None)
