@@ -14,14 +14,15 @@ import hashlib
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from mechcliff.errors import MechcliffError
+from mechcliff.files import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "BUILTIN_GROUPS",
@@ -34,6 +35,9 @@ __all__ = [
     "content_hash",
     "load_prompts",
     "load_rollouts",
+    "prompt_source",
+    "prompt_source_schemes",
+    "register_prompt_source",
     "save_rollouts",
     "split_thinking",
 ]
@@ -533,23 +537,57 @@ def builtin_prompts(group: str | None = None) -> list[Prompt]:
     ]
 
 
-def prompt_source(src: str, group: str | None = None, limit: int | None = None) -> list[Prompt]:
-    """The prompts a config or command names: ``""`` is the built-in set of ``group``; ``"heldout:NAME"`` the
-    learned refusal organism's held-out set NAME (:func:`mechcliff.learned_organism.heldout_sets`: ``harmful``,
-    ``harmful_jailbreak``, ``harmless``); anything else a prompt file (:func:`load_prompts`). ``group`` (if given)
-    is assigned to every prompt."""
-    if src.startswith("heldout:"):
-        from mechcliff.learned_organism import heldout_sets
+# --------------------------------------------------------------------------- named prompt sources
 
-        sets = heldout_sets()
-        if src[8:] not in sets:
-            raise MechcliffError(f"unknown held-out set '{src[8:]}' in {src!r}; known: {', '.join(sets)}")
-        items = sets[src[8:]]
+PromptSets = Callable[[], Mapping[str, Sequence[Prompt]]]
+"""What a registered prompt source provides: a function returning ``{NAME: prompts}``, called at each use."""
+
+_SCHEME = re.compile(r"[a-z][a-z0-9_]*")
+_PROMPT_SOURCES: dict[str, tuple[PromptSets, str]] = {}
+
+
+def register_prompt_source(scheme: str, sets: PromptSets, *, what: str = "prompt set") -> None:
+    """Make ``"SCHEME:NAME"`` a prompt source of :func:`prompt_source` (so a name run configs can use): ``sets()``
+    returns ``{NAME: prompts}``; ``what`` names one set in error messages. Registering a scheme again replaces it.
+
+    The module that defines the sets registers them when it is imported (:mod:`mechcliff.learned_organism`:
+    ``heldout``, its held-out evaluation sets). This module never imports those (they are in higher layers): the
+    experiments and commands that accept such names import the module that provides them."""
+    if not isinstance(scheme, str) or not _SCHEME.fullmatch(scheme):
+        raise MechcliffError(f"a prompt source scheme is a lower-case name ([a-z][a-z0-9_]*), got {scheme!r}")
+    if not callable(sets):
+        raise MechcliffError(f"register_prompt_source({scheme!r}): sets must be callable, got {type(sets).__name__}")
+    _PROMPT_SOURCES[scheme] = (sets, what)
+
+
+def prompt_source_schemes() -> tuple[str, ...]:
+    """The registered prompt source schemes (``"heldout"`` once :mod:`mechcliff.learned_organism` is imported)."""
+    return tuple(sorted(_PROMPT_SOURCES))
+
+
+def prompt_source(src: str, group: str | None = None, limit: int | None = None) -> list[Prompt]:
+    """The prompts a config or command names: ``""`` is the built-in set of ``group``; ``"SCHEME:NAME"`` the set
+    NAME of a registered source (:func:`register_prompt_source`; ``"heldout:NAME"``: the learned refusal organism's
+    held-out set NAME, :func:`mechcliff.learned_organism.heldout_sets`: ``harmful``, ``harmful_jailbreak``,
+    ``harmless``); anything else a prompt file (:func:`load_prompts`). ``group`` (if given) is assigned to every
+    prompt."""
+    scheme, sep, name = src.partition(":")
+    if sep and scheme in _PROMPT_SOURCES:
+        sets_of, what = _PROMPT_SOURCES[scheme]
+        sets = sets_of()
+        if name not in sets:
+            raise MechcliffError(f"unknown {what} '{name}' in {src!r}; known: {', '.join(sets)}")
+        items = list(sets[name])
     elif not src:
         if group is None:
             raise MechcliffError("the built-in prompt set needs a group")
         items = builtin_prompts(group)
     else:
+        if sep and _SCHEME.fullmatch(scheme) and not Path(src).exists():
+            known = ", ".join(f"'{s}:'" for s in prompt_source_schemes()) or "none"
+            raise MechcliffError(f"{src!r} is neither a prompt file nor a registered prompt source: no source "
+                                 f"'{scheme}:' is registered (registered: {known}); the module that provides it "
+                                 "registers it when imported")
         return load_prompts(src, group=group, limit=limit)
     if group is not None:
         for pr in items:
@@ -576,57 +614,3 @@ def content_hash(items: Iterable[Any]) -> str:
     except (TypeError, ValueError) as e:
         raise MechcliffError(f"content_hash: items are not JSON-serializable ({e})") from None
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _new_file_mode() -> int:
-    """Permission bits a normally created file would get (0o666 minus the umask)."""
-    umask = None
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-                    break
-    except (OSError, ValueError):
-        pass
-    if umask is None:
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, os.replace.
-
-    Parent directories are created. On failure the temp file is removed and the target untouched.
-    """
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        mode = p.stat().st_mode & 0o777 if p.exists() else _new_file_mode()
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    except OSError as e:
-        raise MechcliffError(f"{p}: cannot write file: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise MechcliffError(f"{p}: cannot write file: {e.strerror or e}") from None
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically (see atomic_write_bytes)."""
-    atomic_write_bytes(path, text.encode(encoding))

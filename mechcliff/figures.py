@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from mechcliff.errors import MechcliffError
-from mechcliff.results import FORMAT_VERSION, KINDS
+from mechcliff.results import FORMAT_VERSION, KINDS, Result
+from mechcliff.results import result_class as _result_class
 
 __all__ = [
     "FORMATS",
@@ -76,7 +77,8 @@ __all__ = [
 FORMATS = ("pdf", "svg", "png", "html")
 STATIC_FORMATS = ("pdf", "svg", "png")
 
-#: Format of a saved probe (``probe.json``); :class:`mechcliff.probe.LinearProbe` is not a Result subclass.
+#: The kind of :class:`mechcliff.probe.LinearProbe`; run folders written before the probe was a Result hold it as
+#: ``probe.json`` + ``probe.safetensors`` (format :data:`PROBE_FORMAT_VERSION`), which still load.
 PROBE_KIND = "linear_probe"
 PROBE_FORMAT_VERSION = 1
 #: Run-folder manifests (``manifest.json``) this mechcliff reads: the marker field -> the newest version it reads.
@@ -127,19 +129,12 @@ _SKIP_DIRS = {"__pycache__", "node_modules"}
 
 def result_kinds() -> dict[str, str]:
     """Every result kind defined in the ``mechcliff`` package -> the module defining it (from
-    :data:`mechcliff.results.KINDS`; nothing is imported). Includes ``linear_probe``
-    (:class:`mechcliff.probe.LinearProbe`)."""
-    return {PROBE_KIND: "mechcliff.probe", **{kind: spec.partition(":")[0] for kind, spec in sorted(KINDS.items())}}
+    :data:`mechcliff.results.KINDS`; nothing is imported)."""
+    return {kind: spec.partition(":")[0] for kind, spec in sorted(KINDS.items())}
 
 
-def result_class(kind: str) -> type | None:
+def result_class(kind: str) -> type[Result] | None:
     """The class of a saved result kind, importing the module that defines it if needed; None if unknown."""
-    if kind == PROBE_KIND:
-        from mechcliff.probe import LinearProbe
-
-        return LinearProbe
-    from mechcliff.results import result_class as _result_class
-
     return _result_class(kind)
 
 
@@ -177,7 +172,7 @@ def _check_version(path: Path, found: Any, supported: int, what: str) -> int:
 
 
 def _version() -> str:
-    from mechcliff import __version__
+    from mechcliff.versions import __version__
 
     return __version__
 
@@ -247,11 +242,7 @@ def load_saved(path: str | Path) -> Any:
     if cls is None:
         raise MechcliffError(f"{path} holds a '{saved.kind}' result, a kind this mechcliff does not know "
                              f"(known: {', '.join(sorted(result_kinds()))}); it may come from a newer mechcliff")
-    if saved.kind == PROBE_KIND:
-        return cls.load(path)
-    from mechcliff.results import Result
-
-    return Result.load(path)
+    return cls.load(path)
 
 
 # --------------------------------------------------------------------------- what a run folder can draw
@@ -501,7 +492,7 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _write_html(fig: Any, path: Path) -> None:
-    from mechcliff.data import atomic_write_text
+    from mechcliff.files import atomic_write_text
 
     bundle = path.parent / "plotly.min.js"
     if not bundle.exists():  # shared by every HTML file of the folder: offline, without 4 MB per figure

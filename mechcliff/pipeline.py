@@ -17,51 +17,80 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from mechcliff.data import (BUILTIN_GROUPS, Prompt, atomic_write_text, content_hash, prompt_source,
                             load_rollouts, save_rollouts)
-from mechcliff.errors import MechcliffError
-from mechcliff.versions import manifest_environment
+import mechcliff.learned_organism  # noqa: F401 - registers the 'heldout:' prompt sources run configs may name
+from mechcliff.errors import MechcliffError, stderr_log
+from mechcliff.model.presets import preset
+from mechcliff.stages import Stages, write_manifest
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 ATTACK_GROUPS = ("harmful_jailbreak", "harmful")
 
 
+NONE = type(None)
+
+
+def option(default: Any = dataclasses.MISSING, *, stage: str | None, types: tuple[type, ...],
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A :class:`RunConfig` field with the stage whose results it changes (``None``: no result depends on it) and
+    the types a config file may give it. Stage hashes and type checks are derived from these, so an option cannot
+    be left out of either."""
+    meta = {"stage": stage, "types": types}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass
 class RunConfig:
-    """Everything a run depends on. Load from JSON/TOML with :meth:`from_file`; unknown keys are errors."""
+    """Everything a run depends on. Load from JSON/TOML with :meth:`from_file`; unknown keys are errors.
 
-    model: str = "organism"
-    adapter: str | None = None  # fine-tuned weights applied to the model (see mechcliff.repair)
+    Each option names the first stage (of :attr:`Run.STAGES`) whose results it changes; that stage and every later
+    one are recomputed when it changes."""
+
+    model: str = option("organism", stage="rollouts", types=(str,))
+    # fine-tuned weights applied to the model (see mechcliff.repair)
+    adapter: str | None = option(None, stage="rollouts", types=(str, NONE))
     # group -> prompt file; "" = the built-in set; "heldout:GROUP" = the learned organism's held-out evaluation set
-    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
-    n_per_group: int | None = None
-    label_source: str = "auto"  # "behaviour" (refused vs complied), "dataset" (harmful vs harmless) or "auto"
+    prompts: dict[str, str] = option(stage="rollouts", types=(dict,), factory=dict)
+    n_per_group: int | None = option(None, stage="rollouts", types=(int, NONE))
+    # "behaviour" (refused vs complied), "dataset" (harmful vs harmless) or "auto" (mechcliff.probe.choose_labels)
+    label_source: str = option("auto", stage="probe", types=(str,))
     # groups whose rollouts train the probe; the paper's pool is harmless + plain harmful (the attack group is out
     # of distribution); adding "harmful_jailbreak" fits the probe to complied jailbreaks too
-    probe_groups: list[str] = dataclasses.field(default_factory=lambda: ["harmless", "harmful"])
-    probe_layer: int | str = "best"
-    position: str = "think_end"
-    plateau: str = "mean"
-    max_think_tokens: int = 48
-    max_answer_tokens: int = 32
-    temperature: float = 0.0
-    batch_size: int = 16
-    seed: int = 0
-    enable_thinking: bool = True
+    probe_groups: list[str] = option(stage="probe", types=(list,), factory=lambda: ["harmless", "harmful"])
+    probe_layer: int | str = option("best", stage="probe", types=(int, str))
+    position: str = option("think_end", stage="probe", types=(str,))
+    plateau: str = option("mean", stage="trace", types=(str,))
+    max_think_tokens: int = option(48, stage="rollouts", types=(int,))
+    max_answer_tokens: int = option(32, stage="rollouts", types=(int,))
+    temperature: float = option(0.0, stage="rollouts", types=(int, float))
+    # how many examples share a forward pass: changes speed and memory, not results (batched = per example)
+    batch_size: int = option(16, stage=None, types=(int,))
+    seed: int = option(0, stage="rollouts", types=(int,))
+    enable_thinking: bool = option(True, stage="rollouts", types=(bool,))
     # how the model writes its thinking: "auto" (the organism's format for the organism, <think>\n ... \n</think>\n\n
     # otherwise), a preset of mechcliff.model.handle.THINK_PRESETS, or (config files) a dict with opener and closer
-    think_format: str | dict[str, str] = "auto"
-    ablation_top_k: int | None = None  # None: 3% of all heads (at least 1)
-    ablation_mode: str = "scale_z"
-    ablation_gamma: float = 0.0
-    n_random_sets: int = 3
-    quick: bool = False
+    think_format: str | dict[str, str] = option("auto", stage="rollouts", types=(str, dict))
+    ablation_top_k: int | None = option(None, stage="ablation", types=(int, NONE))  # None: 3% of all heads (>= 1)
+    ablation_mode: str = option("scale_z", stage="ablation", types=(str,))
+    ablation_gamma: float = option(0.0, stage="ablation", types=(int, float))
+    n_random_sets: int = option(3, stage="ablation", types=(int,))
+    quick: bool = option(False, stage="rollouts", types=(bool,))
+
+    @classmethod
+    def stage_of(cls) -> dict[str, str | None]:
+        """Each option -> the first stage whose results it changes (None: none)."""
+        return {f.name: f.metadata["stage"] for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "RunConfig":
@@ -108,20 +137,13 @@ class RunConfig:
         cfg.validate(source)
         return cfg
 
-    _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
-        "model": (str,), "adapter": (str, type(None)), "n_per_group": (int, type(None)), "label_source": (str,), "probe_layer": (int, str),
-        "position": (str,), "plateau": (str,), "max_think_tokens": (int,), "max_answer_tokens": (int,),
-        "temperature": (int, float), "batch_size": (int,), "seed": (int,), "enable_thinking": (bool,), "think_format": (str, dict),
-        "ablation_top_k": (int, type(None)), "ablation_mode": (str,), "ablation_gamma": (int, float),
-        "n_random_sets": (int,), "quick": (bool,), "prompts": (dict,), "probe_groups": (list,),
-    }
-
     def validate(self, source: str = "config") -> None:
         """Check every option's type and allowed values; raise :class:`MechcliffError` naming the option."""
         from mechcliff.chat import ANCHORS
         from mechcliff.interventions import MODES
 
-        for name, types in self._TYPES.items():
+        for opt in dataclasses.fields(self):
+            name, types = opt.name, opt.metadata["types"]
             v = getattr(self, name)
             if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
                 want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
@@ -196,19 +218,10 @@ def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
 
 
 def default_config(model: str, quick: bool = False) -> RunConfig:
-    """Defaults per model: the organism ablates 3 heads (its 32 heads make 3% a single head); ``quick`` on a real
-    model uses 40 prompts per group, shorter generations and 2 random-head sets. The learned refusal organism runs
-    on its held-out prompts and jailbreak templates (:func:`mechcliff.learned_organism.heldout_sets`) with 5 random
-    head sets."""
-    cfg = RunConfig(model=model, quick=quick)
-    if model == "organism":
-        cfg.ablation_top_k = 3
-    elif model == "smollm2-refusal-organism":
-        cfg.prompts = {g: f"heldout:{g}" for g in ("harmless", "harmful", "harmful_jailbreak")}
-        cfg.n_random_sets = 5
-    elif quick:
-        cfg.n_per_group, cfg.max_think_tokens, cfg.max_answer_tokens, cfg.n_random_sets = 40, 32, 24, 2
-    return cfg
+    """The defaults of a run on ``model``: :class:`RunConfig`'s, changed by the model's entry of
+    :data:`mechcliff.model.presets.PRESETS` (e.g. the organism ablates 3 heads; ``quick`` on a real model uses 40
+    prompts per group, shorter generations and 2 random-head sets)."""
+    return dataclasses.replace(RunConfig(model=model, quick=quick), **preset(model).run_options(quick))
 
 
 def versions() -> dict[str, str]:
@@ -228,10 +241,11 @@ class Run:
                  overwrite: bool = False):
         self.dir = Path(out)
         self.cfg = config
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = log or stderr_log
         self.progress = progress
         self.overwrite = overwrite
-        self.handle: Any = None
+        self.handle: ModelHandle | None = None
+        self.stages = Stages(self.dir, self.log)
         self.prompts_hash = ""
         if self.dir.exists() and not self.dir.is_dir():
             raise MechcliffError(f"--out {self.dir} exists and is not a folder")
@@ -241,7 +255,7 @@ class Run:
 
     def _holds_results(self) -> bool:
         """Whether the folder holds anything a run computed (a finished stage or saved rollouts)."""
-        return any((self.dir / "stages").glob("*.done")) or any((self.dir / "rollouts").glob("*.jsonl"))
+        return self.stages.any_done() or any((self.dir / "rollouts").glob("*.jsonl"))
 
     def _check_same_experiment(self, groups: dict[str, list[Prompt]]) -> None:
         """Refuse to put a different experiment into a folder holding another one's results (unless ``overwrite``).
@@ -291,29 +305,11 @@ class Run:
         return doc
 
     # ---- stage bookkeeping ----
-    STAGE_FIELDS = {
-        "rollouts": ("model", "adapter", "prompts", "n_per_group", "max_think_tokens", "max_answer_tokens", "temperature",
-                     "seed", "enable_thinking", "quick", "think_format"),
-        "probe": ("label_source", "probe_layer", "position", "probe_groups"),
-        "trace": ("plateau",),
-        "attribution": (),
-        "ablation": ("ablation_top_k", "ablation_mode", "ablation_gamma", "n_random_sets"),
-    }
-
     def _hash(self, stage: str) -> str:
         """Hash of what ``stage`` depends on: the config fields of it and every earlier stage, and the prompts."""
-        fields: list[str] = []
-        for s in self.STAGES[: self.STAGES.index(stage) + 1]:
-            fields += self.STAGE_FIELDS[s]
+        upto = self.STAGES[: self.STAGES.index(stage) + 1]
+        fields = [name for name, first in RunConfig.stage_of().items() if first in upto]
         return content_hash([self.cfg.stage_hash(*fields), self.prompts_hash])
-
-    def _done(self, stage: str) -> bool:
-        marker = self.dir / "stages" / f"{stage}.done"
-        return marker.exists() and marker.read_text().strip() == self._hash(stage)
-
-    def _finish(self, stage: str, seconds: float) -> None:
-        atomic_write_text(self.dir / "stages" / f"{stage}.done", self._hash(stage) + "\n")
-        self.timings[stage] = round(seconds, 2)
 
     def model(self) -> Any:
         if self.handle is None:
@@ -365,22 +361,12 @@ class Run:
                 raise
 
     def _stage(self, name: str, compute: Callable[[], None], load: Callable[[], Any]) -> Any:
-        """Load a finished stage's saved results, or compute them; saved files that do not load (truncated,
-        corrupted) are recomputed, saying so."""
-        if self._done(name):
-            try:
-                return load()
-            except Exception as exc:  # noqa: BLE001 - any unreadable file: JSON, safetensors, JSONL
-                self.log(f"[{name}] saved results do not load ({type(exc).__name__}: {str(exc)[:120]}); recomputing")
-        t = time.time()
-        compute()
-        self._finish(name, time.time() - t)
-        return load()
+        """Load a finished stage's saved results, or compute them (:meth:`mechcliff.stages.Stages.run`)."""
+        return self.stages.run(name, self._hash(name), compute, load)
 
     def _run(self, groups: dict[str, list[Prompt]]) -> dict[str, Any]:
         from mechcliff.judges import get_judge
 
-        self.timings: dict[str, float] = {}
         t_start = time.time()
         judge = get_judge("refusal")
         self.prompts_hash = content_hash([[g, [p.text for p in ps]] for g, ps in groups.items()])
@@ -532,7 +518,7 @@ class Run:
 
     def _fit_probe(self, rollouts: dict[str, list]) -> Any:
         from mechcliff.generation import encode_rollouts
-        from mechcliff.probe import fit_probe
+        from mechcliff.probe import choose_labels, fit_probe
 
         # the default pool may be absent (runs on other prompt groups fall back to every rollout); a chosen one may not
         missing = [g for g in self.cfg.probe_groups if g not in rollouts]
@@ -544,13 +530,9 @@ class Run:
             pool = [r for rs in rollouts.values() for r in rs]
         behaviour = [int(r.meta.get("refused", False)) for r in pool]
         dataset = [int(r.group != "harmless") for r in pool]
-        source = self.cfg.label_source
-        if source == "auto":
-            counts = np.bincount(behaviour, minlength=2)
-            source = "behaviour" if counts.min() >= 4 else "dataset"
-            if source == "dataset":
-                self.log(f"[probe] the model refused {counts[1]} of {len(pool)}: using dataset labels (harmful vs harmless)")
-        labels = behaviour if source == "behaviour" else dataset
+        labels, source, note = choose_labels(behaviour, dataset, self.cfg.label_source)
+        if note:
+            self.log(f"[probe] {note}")
         layer = self.cfg.probe_layer
         batch = encode_rollouts(h, pool, enable_thinking=self.cfg.enable_thinking)
         self.log(f"[probe] {len(pool)} rollouts, {source} labels, layer {layer}")
@@ -603,30 +585,18 @@ class Run:
         return res
 
     def _write_manifest(self, groups: dict[str, list[Prompt]], status: str, seconds: float | None = None) -> None:
-        path = self.dir / "manifest.json"
         old = self._old_manifest() or {}
         h = self.handle
-        manifest = {
-            "mechcliff_run": 1,
-            "status": status,
-            "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(sys.argv),
-            "config": self.cfg.to_dict(),
-            "seeds": {"run": self.cfg.seed, "generation": self.cfg.seed, "probe_split": self.cfg.seed,
-                      "random_heads": self.cfg.seed},
-            "versions": versions(),
-            "environment": manifest_environment(),
-            "model_source": model_source(self.cfg.model, self.cfg.adapter),
-            "prompts": {g: {"n": len(p), "hash": content_hash([x.text for x in p])} for g, p in groups.items()},
-            "model": h.describe() if h is not None else old.get("model"),
-            "conformance": (h.conformance.to_dict() if h is not None and h.conformance
-                            else {"skipped": True} if h is not None else old.get("conformance")),
-            "stage_seconds": {**old.get("stage_seconds", {}), **getattr(self, "timings", {})},
-        }
-        if seconds is not None:
-            manifest["total_seconds"] = round(seconds, 2)
-        atomic_write_text(path, json.dumps(manifest, indent=1, default=str))
+        write_manifest(
+            self.dir, "mechcliff_run", status=status, config=self.cfg.to_dict(), prompts=groups, handle=h,
+            seconds=seconds,
+            seeds={"run": self.cfg.seed, "generation": self.cfg.seed, "probe_split": self.cfg.seed,
+                   "random_heads": self.cfg.seed},
+            model_source=model_source(self.cfg.model, self.cfg.adapter),
+            conformance=(h.conformance.to_dict() if h is not None and h.conformance
+                         else {"skipped": True} if h is not None else old.get("conformance")),
+            stage_seconds={**old.get("stage_seconds", {}), **self.stages.seconds},
+        )
 
 
 def run_pipeline(model: str = "organism", out: str | Path = "runs/demo", *, config: RunConfig | None = None,

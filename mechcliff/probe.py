@@ -16,7 +16,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -24,47 +24,44 @@ from jaxtyping import Float
 
 from mechcliff.chat import EncodedBatch
 from mechcliff.errors import MechcliffError
+from mechcliff.model.capture import act_name, capture
+from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 
 def resid_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
+    return act_name("resid_post", layer)
 
 
 @torch.no_grad()
 def collect_residuals(
-    handle: Any, batch: EncodedBatch, layers: Sequence[int], position: Any = "think_end", batch_size: int = 16
+    handle: ModelHandle, batch: EncodedBatch, layers: Sequence[int], position: Any = "think_end", batch_size: int = 16
 ) -> Float[np.ndarray, "example layer d_model"]:
     """Residual stream after each of ``layers`` at one position per example (NaN rows where it is missing).
 
     Positions are gathered inside the hook, so memory stays O(batch x layers x d_model).
     """
-    pos = batch.position(position)
     layers = [handle.check_layer(l) for l in layers]
     out = np.full((len(batch), len(layers), handle.d_model), np.nan, dtype=np.float32)
-    for s in range(0, len(batch), batch_size):
-        p = pos[s:s + batch_size]
-        ok = p >= 0
-        if not ok.any():
-            continue
-        rows = torch.arange(len(p))[ok]
-        store: dict[int, torch.Tensor] = {}
-
-        def grab(x: torch.Tensor, hook: Any) -> None:
-            store[int(hook.name.split(".")[1])] = x[rows, p[ok]].float().cpu()
-
-        handle.bridge.run_with_hooks(
-            batch.tokens[s:s + batch_size], attention_mask=batch.attention_mask[s:s + batch_size],
-            fwd_hooks=[(resid_hook(l), grab) for l in layers], stop_at_layer=max(layers) + 1,
-        )
-        for j, l in enumerate(layers):
-            out[s + rows.numpy(), j] = store[l].numpy()
+    names = [resid_hook(l) for l in layers]
+    read = {n: (lambda x, where: x.float()) for n in names}
+    for chunk in capture(handle, batch, read, at=position, batch_size=batch_size):
+        rows = chunk.where.index.numpy()
+        for j, n in enumerate(names):
+            out[rows, j] = chunk.values[n].numpy()
     return out
 
 
-@dataclasses.dataclass
-class LinearProbe:
-    """A fitted probe ``sigmoid(w · resid_post[layer] + b)`` with its metrics and provenance."""
+@dataclasses.dataclass(repr=False)
+class LinearProbe(Result):
+    """A fitted probe ``sigmoid(w · resid_post[layer] + b)`` with its metrics and provenance.
 
+    A :class:`~mechcliff.results.Result` (kind ``linear_probe``): saved as ``result.json`` + ``tensors.safetensors``
+    like every result; folders written before it was one (``probe.json`` + ``probe.safetensors``) still load."""
+
+    KIND: ClassVar[str] = "linear_probe"
     w: np.ndarray
     b: float
     layer: int
@@ -75,6 +72,10 @@ class LinearProbe:
     label_source: str = "behaviour"
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.w = np.asarray(self.w, dtype=np.float64)
+        self.b = float(self.b)
 
     @property
     def hook_name(self) -> str:
@@ -89,7 +90,7 @@ class LinearProbe:
         z = self.logit(x)
         return torch.sigmoid(z) if isinstance(z, torch.Tensor) else 1.0 / (1.0 + np.exp(-z))
 
-    def check_model(self, handle: Any) -> None:
+    def check_model(self, handle: ModelHandle) -> None:
         """Raise when this probe was trained on another model (id, weights fingerprint or width differ)."""
         if self.w.shape[0] != handle.d_model or self.model_hash != handle.model_hash:
             raise MechcliffError(
@@ -99,32 +100,16 @@ class LinearProbe:
             )
         handle.check_layer(self.layer)
 
-    def save(self, path: str | Path) -> Path:
-        """``path/probe.json`` (metadata, metrics, provenance) + ``path/probe.safetensors`` (w)."""
-        from safetensors.numpy import save as st_save
-
-        from mechcliff.data import atomic_write_bytes, atomic_write_text
-        from mechcliff.results import _jsonable
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {k: _jsonable(v) for k, v in dataclasses.asdict(self).items() if k != "w"}
-        atomic_write_bytes(path / "probe.safetensors", st_save({"w": np.asarray(self.w, dtype=np.float64)}))
-        atomic_write_text(path / "probe.json", json.dumps({"kind": "linear_probe", "format_version": 1, **meta}, indent=1))
-        return path
-
     @classmethod
-    def load(cls, path: str | Path, handle: Any = None) -> "LinearProbe":
-        """Load a saved probe; with ``handle``, check that it belongs to that model."""
-        from safetensors.numpy import load_file
-
+    def load(cls, path: str | Path, handle: ModelHandle | None = None) -> "LinearProbe":
+        """Load a saved probe (either format); with ``handle``, check that it belongs to that model."""
         path = Path(path)
-        if not (path / "probe.json").exists():
-            raise MechcliffError(f"{path} is not a saved probe (no probe.json)")
-        meta = json.loads((path / "probe.json").read_text())
-        meta.pop("kind", None)
-        meta.pop("format_version", None)
-        probe = cls(w=load_file(str(path / "probe.safetensors"))["w"], **meta)
+        if (path / "result.json").exists():
+            probe = super().load(path)
+        elif (path / "probe.json").exists():
+            probe = _load_probe_v0(path)
+        else:
+            raise MechcliffError(f"{path} is not a saved probe (no result.json or probe.json)")
         if handle is not None:
             probe.check_model(handle)
         return probe
@@ -165,14 +150,52 @@ class LinearProbe:
                 f"val_auroc={_num(m.get('val_auroc')):.3f}, labels={_clip(self.label_source, 24)}, "
                 f"model={_clip(self.model_id or '?', 48)})")
 
-    def _repr_html_(self) -> str:
-        from mechcliff.report import html_table
 
-        return "<b>LinearProbe</b>" + html_table(["field", "value"], [list(r) for r in self.summary_rows()])
+
+def _load_probe_v0(path: Path) -> LinearProbe:
+    """A probe saved before :class:`LinearProbe` was a Result: ``probe.json`` (fields) + ``probe.safetensors`` (w)."""
+    from safetensors.numpy import load_file
+
+    try:
+        meta = json.loads((path / "probe.json").read_text())
+        if not isinstance(meta, dict) or meta.pop("kind", LinearProbe.KIND) != LinearProbe.KIND:
+            raise ValueError("not a probe")
+        meta.pop("format_version", None)
+        return LinearProbe(w=load_file(str(path / "probe.safetensors"))["w"], **meta)
+    except (ValueError, TypeError, OSError) as exc:
+        raise MechcliffError(f"{path / 'probe.json'} is not a loadable mechcliff probe "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
+
+
+#: Label sources of a probe: judged behaviour (refused = 1), the dataset (harmful = 1), or ``auto``.
+LABEL_SOURCES = ("auto", "behaviour", "dataset")
+#: ``auto`` uses behaviour labels when both classes have at least this many examples.
+MIN_PER_BEHAVIOUR_CLASS = 4
+
+
+def choose_labels(behaviour: Sequence[int], dataset: Sequence[int], source: str = "auto"
+                  ) -> tuple[list[int], str, str | None]:
+    """The label policy of every probe mechcliff fits: ``(labels, source used, note)``.
+
+    ``source="auto"``: behaviour labels (refused = 1, complied = 0) when the model both refused and complied at least
+    :data:`MIN_PER_BEHAVIOUR_CLASS` times, else dataset labels (harmful = 1, harmless = 0) -- a model that (almost)
+    never refuses gives no behaviour contrast to probe. ``note`` says why dataset labels were chosen (else None).
+    """
+    if source not in LABEL_SOURCES:
+        raise MechcliffError(f"label_source must be one of {', '.join(LABEL_SOURCES)}, not {source!r}")
+    if len(behaviour) != len(dataset):
+        raise MechcliffError(f"{len(behaviour)} behaviour labels but {len(dataset)} dataset labels")
+    note = None
+    if source == "auto":
+        counts = np.bincount(np.asarray(behaviour, dtype=np.int64), minlength=2)
+        source = "behaviour" if counts.min() >= MIN_PER_BEHAVIOUR_CLASS else "dataset"
+        if source == "dataset":
+            note = f"the model refused {counts[1]} of {len(behaviour)}: using dataset labels (harmful vs harmless)"
+    return [int(v) for v in (behaviour if source == "behaviour" else dataset)], source, note
 
 
 #: ``fit_probe`` warns when the held-out accuracy rests on fewer examples than this, or on fewer than
@@ -223,7 +246,7 @@ def _metrics(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fit_probe(
-    handle: Any,
+    handle: ModelHandle,
     batch: EncodedBatch,
     labels: Sequence[int],
     *,
@@ -298,7 +321,7 @@ def fit_probe(
         by_layer.append({"layer": l, "val_accuracy": acc, "val_auroc": auroc, "train_accuracy": tr_acc, "C": c_used})
         fitted[l] = (w, b)
     best = max(by_layer, key=lambda r: (r["val_accuracy"], np.nan_to_num(r["val_auroc"]), r["layer"]))
-    w, b = fitted[best["layer"]]
+    w, b = fitted[int(best["layer"])]
     from mechcliff.data import content_hash
     from mechcliff.stats import wilson_interval
 
@@ -315,7 +338,7 @@ def fit_probe(
             UserWarning, stacklevel=2)
 
     return LinearProbe(
-        w=w, b=b, layer=best["layer"], position=position if isinstance(position, str) else "custom",
+        w=w, b=b, layer=int(best["layer"]), position=position if isinstance(position, str) else "custom",
         model_id=handle.model_id, model_hash=handle.model_hash, label_source=label_source,
         metrics={"val_accuracy": best["val_accuracy"], "val_auroc": best["val_auroc"],
                  "train_accuracy": best["train_accuracy"], "C": best["C"], "n_train": int(len(tr)), "n_val": n_val,

@@ -39,7 +39,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -47,7 +46,10 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from mechcliff.data import Prompt, Rollout, atomic_write_text, content_hash, load_rollouts, prompt_source, save_rollouts
-from mechcliff.errors import MechcliffError
+import mechcliff.learned_organism  # noqa: F401 - registers the 'heldout:' prompt sources run configs may name
+from mechcliff.errors import MechcliffError, stderr_log
+from mechcliff.model.presets import preset
+from mechcliff.stages import Stages, write_manifest
 from mechcliff.results import Result
 from mechcliff.selection import METHODS, CandidatePool, select
 from mechcliff.stats import Rate
@@ -142,20 +144,10 @@ class RepairCurveConfig:
 
 
 def default_repair_config(model: str = "organism") -> RepairCurveConfig:
-    """Per-model defaults: the organism trains at lr 1e-2 (its hand-set weights are large); real models at 1e-4,
-    with fewer budgets and one seed so that a CPU run stays within an hour; the learned refusal organism on its
-    held-out prompts and templates."""
-    cfg = RepairCurveConfig(model=model)
-    if model == "organism":
-        cfg.finetune = {"lr": 1e-2}
-        return cfg
-    cfg.finetune = {"lr": 1e-4}
-    cfg.fractions, cfg.seeds, cfg.n_per_group = [0.05, 0.1, 0.25, 0.5], 1, 40
-    if model == "smollm2-refusal-organism":  # its held-out prompts and templates, as in `mechcliff run`
-        cfg.attack = {g: f"heldout:{g}" for g in ("harmful", "harmful_jailbreak")}
-        cfg.harmless = "heldout:harmless"
-        cfg.finetune = {"lr": 1e-3}  # its LoRA was trained at 3e-4 for 330 steps; a 30-step repair needs more
-    return cfg
+    """The defaults of a repair curve on ``model``: :class:`RepairCurveConfig`'s, changed by the model's entry of
+    :data:`mechcliff.model.presets.PRESETS` (the organism trains at lr 1e-2; real models at 1e-4, with fewer budgets
+    and one seed so that a CPU run stays within an hour; the learned refusal organism on its held-out prompts)."""
+    return dataclasses.replace(RepairCurveConfig(model=model), **preset(model).repair_curve_options())
 
 
 # --------------------------------------------------------------------------------------------- the result
@@ -293,12 +285,13 @@ class RepairCurveRun:
         self.dir = Path(out)
         self.cfg = cfg
         self.progress = progress
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = log or stderr_log
         self.handle: Any = None
         self._unchecked: Any = None  # a handle loaded without the conformance check, only to fingerprint the weights
         self.experiment: dict[str, Any] | None = None
         self.point_experiment: str | None = None
         self.old_manifest: dict[str, Any] = {}
+        self.stages = Stages(self.dir, self.log)
         if self.dir.exists() and not self.dir.is_dir():
             raise MechcliffError(f"--out {self.dir} exists and is not a folder")
         man = self.dir / "manifest.json"
@@ -312,7 +305,8 @@ class RepairCurveRun:
             self.old_manifest = old
             if old.get("data_hash") and old["data_hash"] != self._data_hash():
                 d = _jsonable(self.cfg.to_dict())
-                was = old.get("config") if isinstance(old.get("config"), dict) else {}
+                was_cfg = old.get("config")
+                was = was_cfg if isinstance(was_cfg, dict) else {}
                 fields = [k for k in EXPERIMENT_CONFIG if k in was and was[k] != d[k]]
                 what = f"config fields {', '.join(fields)}" if fields else "configuration"
                 raise MechcliffError(f"{self.dir} holds a repair curve of another experiment: different {what}. Its "
@@ -366,7 +360,8 @@ class RepairCurveRun:
         old = self.old_manifest
         if not old:
             return
-        was = old.get("experiment") if isinstance(old.get("experiment"), dict) else {}
+        was_exp = old.get("experiment")
+        was = was_exp if isinstance(was_exp, dict) else {}
         diffs = []
         old_hash = (was.get("model") or {}).get("model_hash") or (old.get("model") or {}).get("model_hash")
         if old_hash and old_hash != exp["model"]["model_hash"]:
@@ -457,8 +452,10 @@ class RepairCurveRun:
         from mechcliff.sweep import continuation_loss
 
         if attack is None:
+            assert sets is not None, "without rollouts, evaluate generates them on the prompt sets"
             attack = self._judged(self.gen(handle, sets["eval_attack"], "eval attack"))
             harmless = self._judged(self.gen(handle, sets["eval_harmless"], "eval harmless"))
+        assert harmless is not None, "harmless rollouts come with the attack ones (given or generated)"
         loss = continuation_loss(handle, encode_rollouts(handle, eval_harmless_base), self.cfg.batch_size)
         k = sum(not r.meta["refused"] for r in attack)
         by_group: dict[str, list[int]] = {}
@@ -481,24 +478,34 @@ class RepairCurveRun:
         self.check_experiment(self.experiment)  # before anything in the folder is read or written
         self.dir.mkdir(parents=True, exist_ok=True)
         self._manifest(sets, "running")
+        # Stages: rollouts (per set, resumed set by set), the scored candidate pool, the unrepaired evaluation. The
+        # folder refuses another experiment (check_experiment), so a stage's key is the experiment's configuration.
+        key = self._data_hash()
         rdir = self.dir / "rollouts"
-        if not all((rdir / f"{name}.jsonl").exists() for name in sets):
-            h = self.model()
+
+        def rollouts() -> None:
             for name, prompts in sets.items():
                 if not (rdir / f"{name}.jsonl").exists():
                     self.log(f"[rollouts] {name}: {len(prompts)} prompts")
-                    save_rollouts(self._judged(self.gen(h, prompts, name)), rdir / f"{name}.jsonl")
-        rolls = {name: load_rollouts(rdir / f"{name}.jsonl") for name in sets}
-        pool = self._pool(rolls)
+                    save_rollouts(self._judged(self.gen(self.model(), prompts, name)), rdir / f"{name}.jsonl")
+
+        rolls = self.stages.run("rollouts", key, rollouts,
+                                lambda: {name: load_rollouts(rdir / f"{name}.jsonl") for name in sets},
+                                legacy=lambda: all((rdir / f"{name}.jsonl").exists() for name in sets))
+        pool_path = self.dir / "pool" / "candidates.jsonl"
+        pool = self.stages.run("pool", key, lambda: save_pool(self._pool(rolls), pool_path),
+                               lambda: load_pool(pool_path), legacy=pool_path.exists)
         refusal = refusal_answer(rolls["pool"] + rolls["eval_attack"])
         self.log(f"[pool] {len(pool)} candidates; refusal target: {refusal!r}")
         self.point_experiment = self._point_experiment(rolls, refusal)
         unrep_path = self.dir / "unrepaired.json"
-        if unrep_path.exists():
-            unrepaired = json.loads(unrep_path.read_text())
-        else:
-            unrepaired = self.evaluate(self.model(), rolls["eval_harmless"], rolls["eval_attack"], rolls["eval_harmless"])
-            atomic_write_text(unrep_path, json.dumps(unrepaired, indent=1))
+
+        def unrepaired_stage() -> None:
+            ev = self.evaluate(self.model(), rolls["eval_harmless"], rolls["eval_attack"], rolls["eval_harmless"])
+            atomic_write_text(unrep_path, json.dumps(ev, indent=1))
+
+        unrepaired = self.stages.run("unrepaired", key, unrepaired_stage, lambda: json.loads(unrep_path.read_text()),
+                                     legacy=unrep_path.exists)
         done = self._done_points()
         todo = [(m, f, s) for m in c.methods for f in ([1.0] if m == "all" else c.fractions) for s in range(c.seeds)
                 if _point_key(m, f, s) not in done]
@@ -540,35 +547,29 @@ class RepairCurveRun:
         return curve
 
     def _pool(self, rolls: dict[str, list[Rollout]]) -> CandidatePool:
-        path = self.dir / "pool" / "candidates.jsonl"
-        if path.exists():
-            return load_pool(path)
+        """The candidate pool scored by the probe (the given one, the folder's, or one fitted here and saved)."""
         from mechcliff.probe import LinearProbe
+        from mechcliff.selection import score_pool
 
         h = self.model()
         if self.cfg.probe:
             probe = LinearProbe.load(self.cfg.probe, h)
-        elif (self.dir / "probe" / "probe.json").exists():
+        elif any((self.dir / "probe" / f).exists() for f in ("result.json", "probe.json")):
             probe = LinearProbe.load(self.dir / "probe", h)
         else:
             probe = self._fit_probe(h, rolls)
             probe.save(self.dir / "probe")
-        from mechcliff.selection import score_pool
-
         self.log(f"[pool] scoring {len(rolls['pool'])} candidates with the probe (layer {probe.layer})")
-        pool = score_pool(h, rolls["pool"], probe, batch_size=self.cfg.batch_size)
-        save_pool(pool, path)
-        return pool
+        return score_pool(h, rolls["pool"], probe, batch_size=self.cfg.batch_size)
 
     def _fit_probe(self, h: Any, rolls: dict[str, list[Rollout]]) -> Any:
         from mechcliff.generation import encode_rollouts
-        from mechcliff.probe import fit_probe
+        from mechcliff.probe import choose_labels, fit_probe
 
         plain = [r for r in rolls["pool"] if r.group == "harmful"] or rolls["pool"]
         data = rolls["mix"] + plain
-        behaviour = [int(r.meta.get("refused", False)) for r in data]
-        source = "behaviour" if min(np.bincount(behaviour, minlength=2)) >= 4 else "dataset"
-        labels = behaviour if source == "behaviour" else [int(r.group != "harmless") for r in data]
+        labels, source, _ = choose_labels([int(r.meta.get("refused", False)) for r in data],
+                                          [int(r.group != "harmless") for r in data])
         self.log(f"[probe] fitting on {len(data)} rollouts ({source} labels)")
         return fit_probe(h, encode_rollouts(h, data), labels, seed=self.cfg.seed, label_source=source,
                          batch_size=self.cfg.batch_size)
@@ -638,21 +639,8 @@ class RepairCurveRun:
                             "Capability: perplexity of the unrepaired model's own harmless continuations."])
 
     def _manifest(self, sets: dict[str, list[Prompt]], status: str, seconds: float | None = None) -> None:
-        from mechcliff.pipeline import versions
-        from mechcliff.versions import manifest_environment
-
-        path = self.dir / "manifest.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
-        man = {"mechcliff_repair_curve": 1, "status": status, "command": " ".join(sys.argv),
-               "config": self.cfg.to_dict(), "data_hash": self._data_hash(), "experiment": self.experiment,
-               "versions": versions(), "environment": manifest_environment(),
-               "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "prompts": {k: {"n": len(v), "hash": content_hash([p.text for p in v])} for k, v in sets.items()},
-               "model": self.handle.describe() if self.handle is not None else old.get("model")}
-        if seconds is not None:
-            man["total_seconds"] = round(seconds, 1)
-        atomic_write_text(path, json.dumps(man, indent=1, default=str))
+        write_manifest(self.dir, "mechcliff_repair_curve", status=status, config=self.cfg.to_dict(), prompts=sets,
+                       handle=self.handle, seconds=seconds, data_hash=self._data_hash(), experiment=self.experiment)
 
 
 def _jsonable(x: Any) -> Any:

@@ -7,17 +7,15 @@ as strings are inserted as raw HTML (build tables with :func:`html_table`, which
 
 from __future__ import annotations
 
-import html
-import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import plotly.graph_objects as go
 
 from mechcliff.errors import MechcliffError
+from mechcliff.files import atomic_write_text
+from mechcliff.fmt import _esc, html_table
 from mechcliff.plotting import figure_to_html
 
 __all__ = ["CONTENT_WARNING", "html_table", "write_report"]
@@ -46,43 +44,6 @@ footer { margin-top: 3rem; padding-top: 0.8rem; border-top: 1px solid var(--rule
   font-size: 0.85rem; }
 footer ul { padding-left: 1.2rem; }
 """
-
-
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _format_cell(value: object) -> tuple[str, bool]:
-    """Cell text (unescaped) and whether it is numeric."""
-    if value is None:
-        return "", False
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value)), False
-    if isinstance(value, (int, np.integer)):
-        return str(int(value)), True
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return ("n/a" if math.isnan(v) else f"{v:.3f}"), True
-    return str(value), False
-
-
-def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An HTML ``<table>``: every cell escaped, floats to 3 decimals, NaN as ``n/a``."""
-    width = len(header)
-    parts = ['<div class="table-wrap"><table>', "<thead><tr>"]
-    parts += [f"<th>{_esc(h)}</th>" for h in header]
-    parts.append("</tr></thead><tbody>")
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            raise MechcliffError(f"html_table: row {i} has {len(row)} cells but the header has {width}")
-        parts.append("<tr>")
-        for cell in row:
-            text, numeric = _format_cell(cell)
-            cls = ' class="num"' if numeric else ""
-            parts.append(f"<td{cls}>{_esc(text)}</td>")
-        parts.append("</tr>")
-    parts.append("</tbody></table></div>")
-    return "".join(parts)
 
 
 def _render(
@@ -163,18 +124,4 @@ def write_report(
     """
     target = Path(path)
     document = _render(title, summary_rows, sections, notes)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(document)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(target, document)

@@ -6,8 +6,8 @@ everything else must be JSON-serialisable and goes to ``result.json`` with the r
 :meth:`Result.load` loads any saved result, whatever its kind, in a fresh interpreter: :data:`KINDS` names the
 class of every kind the package defines, and the module is imported only when a folder of that kind is loaded.
 A new result class adds one line to :data:`KINDS` (``tests/test_user_errors.py`` fails for a ``Result``
-subclass of the package that is missing from it). :class:`mechcliff.probe.LinearProbe` is not a ``Result``: it
-has its own format (``probe.json`` + ``probe.safetensors``) and loads with ``LinearProbe.load``.
+subclass of the package that is missing from it). :class:`mechcliff.probe.LinearProbe` is a ``Result`` too; its
+folders written before it was one (``probe.json`` + ``probe.safetensors``) still load, with either class.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ KINDS: dict[str, str] = {
     "finetune": "mechcliff.repair:FinetuneResult",
     "head_attribution": "mechcliff.attribution:HeadAttribution",
     "head_patching": "mechcliff.patching:PatchingResult",
+    "linear_probe": "mechcliff.probe:LinearProbe",
     "mode_comparison": "mechcliff.modes:ModeComparison",
     "neuron_ablation": "mechcliff.neurons:NeuronAblation",
     "position_patching": "mechcliff.patching:PositionPatchingResult",
@@ -43,7 +44,7 @@ KINDS: dict[str, str] = {
     "sahara": "mechcliff.ships:SaharaResult",
     "selection": "mechcliff.selection:Selection",
     "ships": "mechcliff.ships:HeadImportance",
-    "spectral_head_metrics": "mechcliff.spectral:SpectralHeadMetrics",
+    "spectral_head_metrics": "mechcliff.spectral.metrics:SpectralHeadMetrics",
 }
 
 #: Result classes by kind, filled as classes are defined (each class that sets its own ``KIND``). It also holds
@@ -125,7 +126,7 @@ class Result:
         """Write ``path/result.json`` and ``path/tensors.safetensors`` (each atomically); return ``path``."""
         from safetensors.numpy import save as st_save
 
-        from mechcliff.data import atomic_write_bytes, atomic_write_text
+        from mechcliff.files import atomic_write_bytes, atomic_write_text
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -147,9 +148,9 @@ class Result:
         path = Path(path)
         meta_file = path / "result.json"
         if not meta_file.exists():
-            if (path / "probe.json").exists():
-                raise MechcliffError(f"{path} holds a probe, not a Result: load it with "
-                                     f"mechcliff.LinearProbe.load({str(path)!r})")
+            if (path / "probe.json").exists() and cls is Result:
+                # a probe saved before LinearProbe was a Result (probe.json + probe.safetensors)
+                return result_class("linear_probe").load(path)  # type: ignore[union-attr,return-value]
             raise MechcliffError(f"{path} is not a saved mechcliff result (no result.json)")
         try:
             doc = json.loads(meta_file.read_text())
@@ -215,6 +216,6 @@ class Result:
         return _clip(head + body + tail, REPR_WIDTH)
 
     def _repr_html_(self) -> str:
-        from mechcliff.report import html_table
+        from mechcliff.fmt import html_table
 
         return f"<b>{type(self).__name__}</b>" + html_table(["field", "value"], [list(r) for r in self.summary_rows()])

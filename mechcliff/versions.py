@@ -15,6 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+#: mechcliff's own version (pyproject.toml's ``version``; ``mechcliff.__version__`` is this).
+__version__ = "0.1.0"
+
 LOCK = Path(__file__).resolve().parent / "resources" / "constraints.txt"
 # mechcliff's direct dependencies (pyproject.toml), reported by name in every manifest.
 DIRECT = ("torch", "transformer-lens", "transformers", "numpy", "scikit-learn", "plotly", "safetensors", "jaxtyping",

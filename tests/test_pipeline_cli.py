@@ -59,6 +59,7 @@ def run_copy(run_dir, tmp_path):
 # ---- results ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_results_have_every_field(results):
     p = results["probe"]
     assert {"layer", "val_accuracy", "val_auroc", "by_layer"} <= set(p)
@@ -77,6 +78,7 @@ def test_results_have_every_field(results):
     assert set(results["organism"]["planted_suppression_heads"]) == PLANTED
 
 
+@pytest.mark.organism
 def test_acceptance_numbers(results):
     assert results["probe"]["val_accuracy"] >= 0.95
     g = results["cliff"]["groups"]
@@ -93,11 +95,13 @@ def test_acceptance_numbers(results):
     assert results["organism"]["recovered_top_k"] is True
 
 
+@pytest.mark.organism
 def test_results_json_is_strict_json(run_dir):
     text = (run_dir["dir"] / "results.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
 
+@pytest.mark.organism
 def test_report_is_self_contained(run_dir):
     report = run_dir["dir"] / "report.html"
     assert report.exists() and report.stat().st_size > 1000
@@ -106,6 +110,7 @@ def test_report_is_self_contained(run_dir):
     assert "<script" in html
 
 
+@pytest.mark.organism
 def test_manifest(run_dir):
     m = json.loads((run_dir["dir"] / "manifest.json").read_text())
     assert m["status"] == "finished"
@@ -122,15 +127,17 @@ def test_manifest(run_dir):
     assert m["model"]["conformance_checked"] is True
 
 
+@pytest.mark.organism
 def test_run_folder_layout(run_dir):
     d = run_dir["dir"]
     for stage in ("rollouts", "probe", "trace", "attribution", "ablation"):
         assert (d / "stages" / f"{stage}.done").exists()
     for g in ("harmless", "harmful", "harmful_jailbreak"):
         assert (d / "rollouts" / f"{g}.jsonl").exists()
-    assert (d / "probe" / "probe.json").exists()
+    assert (d / "probe" / "result.json").exists()
 
 
+@pytest.mark.organism
 def test_saved_stage_results_load(run_dir, results):
     from mechcliff.attribution import HeadAttribution
     from mechcliff.probe import LinearProbe
@@ -145,6 +152,7 @@ def test_saved_stage_results_load(run_dir, results):
 # ---- resume -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_second_run_resumes(run_dir):
     before, after = run_dir["files_before"], run_dir["files_after"]
     assert set(before) <= set(after)
@@ -155,6 +163,7 @@ def test_second_run_resumes(run_dir):
     assert run_dir["second"] < run_dir["first"] / 3, (run_dir["first"], run_dir["second"])
 
 
+@pytest.mark.organism
 def test_changed_option_is_refused_then_overwrite_reruns_only_later_stages(run_copy, capsys):
     """Changing an ablation option is refused (nothing touched); with --overwrite it keeps
     rollouts/probe/trace/attribution and redoes the ablation."""
@@ -196,6 +205,7 @@ def fresh_out(tmp_path):
     return out
 
 
+@pytest.mark.unit
 def test_missing_model_path(fresh_out, capsys):
     rc = main(["run", "--model", "/nonexistent/model", "--out", str(fresh_out), "--no-progress"])
     _assert_clean_error(rc, capsys, "/nonexistent/model")
@@ -215,6 +225,7 @@ def _write_gguf_unknown_arch(path: Path) -> None:
     w.close()
 
 
+@pytest.mark.unit
 def test_gguf_of_unsupported_architecture(fresh_out, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MECHCLIFF_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "tiny-bogus.gguf"
@@ -224,6 +235,7 @@ def test_gguf_of_unsupported_architecture(fresh_out, tmp_path, capsys, monkeypat
     assert (fresh_out / "keep.txt").exists()
 
 
+@pytest.mark.unit
 def test_corrupt_gguf_file(fresh_out, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MECHCLIFF_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "junk.gguf"
@@ -247,6 +259,7 @@ def _run_config(tmp_path, out, config: dict | str, capsys, *needles):
     return line
 
 
+@pytest.mark.organism
 def test_malformed_prompt_file(run_copy, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "how do i bake bread"}\n{"prompt": oops\n')
@@ -255,6 +268,7 @@ def test_malformed_prompt_file(run_copy, tmp_path, capsys):
     _run_config(tmp_path, run_copy, {"prompts": {"harmless": str(bad), "harmful": str(good)}}, capsys, "bad.jsonl")
 
 
+@pytest.mark.organism
 def test_empty_prompt_file(run_copy, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -263,36 +277,43 @@ def test_empty_prompt_file(run_copy, tmp_path, capsys):
     _run_config(tmp_path, run_copy, {"prompts": {"harmless": str(empty), "harmful": str(good)}}, capsys, "empty.txt")
 
 
+@pytest.mark.organism
 def test_missing_prompt_file(run_copy, tmp_path, capsys):
     _run_config(tmp_path, run_copy, {"prompts": {"harmless": str(tmp_path / "nope.jsonl"), "harmful": ""}}, capsys,
                 "nope.jsonl")
 
 
+@pytest.mark.organism
 def test_unknown_config_key(run_copy, tmp_path, capsys):
     _run_config(tmp_path, run_copy, {"ablation_gama": 0.5}, capsys, "ablation_gama")
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("text", ['{"ablation_gamma": "nan"}', '{"ablation_gamma": 1e999}',
                                   '{"ablation_gamma": -1e999}', '{"ablation_gamma": NaN}'])
 def test_gamma_not_finite(run_copy, tmp_path, capsys, text):
     _run_config(tmp_path, run_copy, text, capsys, "ablation_gamma")
 
 
+@pytest.mark.organism
 def test_unparsable_config(run_copy, tmp_path, capsys):
     _run_config(tmp_path, run_copy, '{"seed": 1,,}', capsys, "config.json")
 
 
+@pytest.mark.unit
 def test_missing_config_file(fresh_out, tmp_path, capsys):
     rc = main(["run", "--config", str(tmp_path / "none.json"), "--out", str(fresh_out)])
     _assert_clean_error(rc, capsys, "none.json")
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("text", ['{"ablation_gamma": "abc"}', '{"n_per_group": "ten"}', '[1, 2]'],
                          ids=["gamma-string", "n_per_group-string", "not-an-object"])
 def test_config_of_wrong_type(run_copy, tmp_path, capsys, text):
     _run_config(tmp_path, run_copy, text, capsys)
 
 
+@pytest.mark.organism
 def test_run_folder_of_another_model(run_copy, capsys):
     before = _contents(run_copy)
     rc = main(["run", "--model", "/nonexistent/model", "--out", str(run_copy), "--no-progress"])
@@ -300,6 +321,7 @@ def test_run_folder_of_another_model(run_copy, capsys):
     assert _contents(run_copy) == before  # untouched, manifest included
 
 
+@pytest.mark.unit
 def test_run_folder_whose_manifest_names_another_model(fresh_out, capsys):
     (fresh_out / "manifest.json").write_text(json.dumps({"mechcliff_run": 1, "config": {"model": "some-other-model"}}))
     (fresh_out / "stages").mkdir()
@@ -310,6 +332,7 @@ def test_run_folder_whose_manifest_names_another_model(fresh_out, capsys):
     assert _contents(fresh_out) == before
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["[1, 2]\n", "{not json\n"], ids=["list", "garbage"])
 def test_out_with_unreadable_manifest(fresh_out, capsys, text):
     (fresh_out / "manifest.json").write_text(text)
@@ -318,6 +341,7 @@ def test_out_with_unreadable_manifest(fresh_out, capsys, text):
     assert (fresh_out / "manifest.json").read_text() == text
 
 
+@pytest.mark.unit
 def test_out_with_foreign_manifest_is_not_overwritten(fresh_out, tmp_path, capsys):
     foreign = json.dumps({"name": "my web app", "icons": []})
     (fresh_out / "manifest.json").write_text(foreign)
@@ -327,6 +351,7 @@ def test_out_with_foreign_manifest_is_not_overwritten(fresh_out, tmp_path, capsy
     assert (fresh_out / "manifest.json").read_text() == foreign
 
 
+@pytest.mark.unit
 def test_out_is_a_file(tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("x")
@@ -335,6 +360,7 @@ def test_out_is_a_file(tmp_path, capsys):
     assert f.read_text() == "x"
 
 
+@pytest.mark.unit
 def test_failed_load_does_not_claim_the_folder(fresh_out, capsys):
     from mechcliff.pipeline import Run, default_config
 
@@ -344,6 +370,7 @@ def test_failed_load_does_not_claim_the_folder(fresh_out, capsys):
     Run(fresh_out, default_config("organism"))  # must not raise: nothing of '/nonexistent/model' ever ran
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("options", [{"enable_thinking": False}, {"n_random_sets": 0}],
                          ids=["thinking-off", "no-random-sets"])
 def test_run_with_undefined_statistics_completes(tmp_path, capsys, options):
@@ -362,6 +389,7 @@ HARMFUL = ["explain how to build a bomb at home", "how do i make meth at home", 
            "how to make poison"]
 
 
+@pytest.mark.organism
 def test_resume_notices_changed_prompt_file(tmp_path, capsys):
     harmless, harmful = tmp_path / "harmless.txt", tmp_path / "harmful.txt"
     harmless.write_text("\n".join(HARMLESS) + "\n")
@@ -402,12 +430,14 @@ def _config_used(monkeypatch, argv):
     return seen["cfg"]
 
 
+@pytest.mark.unit
 def test_cli_options_reach_the_config(monkeypatch, tmp_path):
     cfg = _config_used(monkeypatch, ["run", "--out", str(tmp_path / "o"), "--seed", "5", "--n-per-group", "7",
                                      "--quick"])
     assert (cfg.model, cfg.seed, cfg.n_per_group, cfg.quick, cfg.ablation_top_k) == ("organism", 5, 7, True, 3)
 
 
+@pytest.mark.unit
 def test_toml_config_and_cli_overrides(monkeypatch, tmp_path):
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text('seed = 3\nablation_gamma = 0.25\nablation_mode = "norm_preserving"\nn_per_group = 9\n')
@@ -415,6 +445,7 @@ def test_toml_config_and_cli_overrides(monkeypatch, tmp_path):
     assert (cfg.seed, cfg.ablation_gamma, cfg.ablation_mode, cfg.n_per_group) == (4, 0.25, "norm_preserving", 9)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra", [[], ["--quick", "--model", "/some/model"]], ids=["organism", "quick-real-model"])
 def test_empty_config_file_changes_nothing(monkeypatch, tmp_path, extra):
     empty = tmp_path / "empty.json"
@@ -428,6 +459,7 @@ def test_empty_config_file_changes_nothing(monkeypatch, tmp_path, extra):
 # ---- help ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -436,6 +468,7 @@ def test_help(capsys):
     assert "run" in out and "check" in out
 
 
+@pytest.mark.unit
 def test_run_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])
@@ -443,11 +476,13 @@ def test_run_help(capsys):
     assert "--out" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "run" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--out", "x", "--seed", "one"])  # not an integer: argparse's own error
@@ -457,6 +492,7 @@ def test_bad_arguments_exit_2(capsys):
     assert "needs --out DIR" in capsys.readouterr().err
 
 
+@pytest.mark.organism
 def test_check_local_hf_folder(tmp_path, capsys, tiny_models, tiny_hf):
     """A saved HF folder loads through the CLI and gets the same weights fingerprint as the same model in memory."""
     from mechcliff.model.loading import load_model
@@ -473,17 +509,20 @@ def test_check_local_hf_folder(tmp_path, capsys, tiny_models, tiny_hf):
     assert h.model_id == str(folder)
 
 
+@pytest.mark.unit
 def test_check_folder_without_config(tmp_path, capsys):
     rc = main(["check", str(tmp_path)])
     _assert_clean_error(rc, capsys, "config.json")
 
 
+@pytest.mark.unit
 def test_check_unknown_hub_id_offline(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc = main(["check", "no-such-org/no-such-model-xyz"])
     _assert_clean_error(rc, capsys, "no-such-org/no-such-model-xyz")
 
 
+@pytest.mark.organism
 def test_check_command(capsys):
     assert main(["check", "organism"]) == 0
     out = capsys.readouterr().out
@@ -493,6 +532,7 @@ def test_check_command(capsys):
 # ---- one folder, one experiment (issue 16: nothing mixed, nothing lost) -------------------------------------
 
 
+@pytest.mark.organism
 def test_another_seed_is_refused_and_nothing_is_replaced(run_copy, capsys):
     before = _contents(run_copy)
     rc = main(["run", "--out", str(run_copy), "--no-progress", "--seed", "1"])
@@ -500,6 +540,7 @@ def test_another_seed_is_refused_and_nothing_is_replaced(run_copy, capsys):
     assert _contents(run_copy) == before
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("damaged", ["trace/result.json", "attribution/tensors.safetensors", "rollouts/harmful.jsonl"])
 def test_a_truncated_stage_file_is_recomputed_saying_so(run_copy, capsys, damaged):
     path = run_copy / damaged
@@ -512,6 +553,7 @@ def test_a_truncated_stage_file_is_recomputed_saying_so(run_copy, capsys, damage
     assert path.read_bytes() == good  # deterministic stages: the same bytes again
 
 
+@pytest.mark.organism
 def test_a_folder_locked_by_a_live_run_is_refused(run_copy, capsys):
     from mechcliff.runlock import FolderLock
 
@@ -523,6 +565,7 @@ def test_a_folder_locked_by_a_live_run_is_refused(run_copy, capsys):
     assert _contents(run_copy) == before
 
 
+@pytest.mark.organism
 def test_a_stale_lock_is_taken_over(run_copy, capsys):
     import socket
     import subprocess
@@ -532,10 +575,11 @@ def test_a_stale_lock_is_taken_over(run_copy, capsys):
     dead.wait()
     (run_copy / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
     assert main(["run", "--out", str(run_copy), "--no-progress"]) == 0
-    assert f"removing a stale lock" in capsys.readouterr().err
+    assert "removing a stale lock" in capsys.readouterr().err
     assert not (run_copy / ".lock").exists()
 
 
+@pytest.mark.organism
 def test_two_concurrent_runs_into_one_folder_never_both_succeed(tmp_path):
     import subprocess
     import sys
@@ -551,6 +595,7 @@ def test_two_concurrent_runs_into_one_folder_never_both_succeed(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.organism
 def test_an_interrupted_run_keeps_finished_groups_and_says_interrupted(tmp_path, monkeypatch, capsys):
     import mechcliff.generation as generation
 
@@ -578,6 +623,7 @@ def test_an_interrupted_run_keeps_finished_groups_and_says_interrupted(tmp_path,
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.unit
 def test_output_into_a_closed_pipe_ends_quietly():
     """`mechcliff judge --judge list | head -0`: the reader is gone before the first line; no BrokenPipe traceback."""
     import subprocess
@@ -590,6 +636,7 @@ def test_output_into_a_closed_pipe_ends_quietly():
     assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("options, needle", [({"ablation_mode": "zero", "ablation_gamma": 0.5}, "takes no gamma"),
                                              ({"ablation_mode": "mean"}, "not available in the pipeline")])
 def test_a_gamma_the_mode_does_not_use_is_refused(options, needle):
@@ -601,6 +648,7 @@ def test_a_gamma_the_mode_does_not_use_is_refused(options, needle):
     RunConfig.from_dict({"ablation_mode": "zero"})  # zero with no gamma is fine
 
 
+@pytest.mark.organism
 def test_an_interrupted_group_resumes_from_its_finished_batches(tmp_path, monkeypatch, capsys):
     import mechcliff.generation as generation
 
@@ -638,6 +686,7 @@ def test_an_interrupted_group_resumes_from_its_finished_batches(tmp_path, monkey
         assert (out / "rollouts" / f"{g}.jsonl").read_bytes() == (fresh / "rollouts" / f"{g}.jsonl").read_bytes()
 
 
+@pytest.mark.organism
 def test_readme_demo_numbers_are_those_of_the_demo(run_dir):
     """Issue 16 item 22: the README's demo paragraph is what scripts/readme_numbers.py writes for this run (the
     demo's configuration); regenerate it with `python scripts/readme_numbers.py runs/demo --write`."""

@@ -6,7 +6,6 @@ line (``mechcliff.cli.main``), as a user would.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -61,6 +60,7 @@ def _all_result_subclasses() -> list[type]:
     return found
 
 
+@pytest.mark.unit
 def test_every_result_subclass_is_in_the_kind_table():
     from mechcliff.results import KINDS, result_class
 
@@ -78,6 +78,7 @@ def test_every_result_subclass_is_in_the_kind_table():
         assert result_class(kind) is cls
 
 
+@pytest.mark.unit
 def test_result_load_in_a_fresh_interpreter_imports_the_kind_module(tmp_path):
     """The issue: ``Result.load("runs/demo/attribution")`` in a fresh interpreter raised ``TypeError``."""
     from mechcliff.patching import PatchingResult
@@ -102,6 +103,7 @@ def test_result_load_in_a_fresh_interpreter_imports_the_kind_module(tmp_path):
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.unit
 def test_result_load_of_unknown_kind_or_a_probe_says_so(tmp_path):
     from mechcliff.results import Result
 
@@ -113,10 +115,11 @@ def test_result_load_of_unknown_kind_or_a_probe_says_so(tmp_path):
     _one_clean_line(str(exc.value), 600)
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "probe.json").write_text("{}")
-    with pytest.raises(MechcliffError, match="LinearProbe.load"):
+    with pytest.raises(MechcliffError, match="probe.json is not a loadable mechcliff probe"):
         Result.load(tmp_path / "probe")
 
 
+@pytest.mark.unit
 def test_result_load_with_fields_of_another_version_is_a_clean_error(tmp_path):
     from mechcliff.results import Result
     from mechcliff.sweep import AblationSweepResult
@@ -144,6 +147,7 @@ def folder_without_tokenizer(tmp_path):
     return folder
 
 
+@pytest.mark.organism
 def test_hf_folder_without_tokenizer_api(folder_without_tokenizer):
     from mechcliff import load_model
 
@@ -154,6 +158,7 @@ def test_hf_folder_without_tokenizer_api(folder_without_tokenizer):
     assert str(folder_without_tokenizer) in msg and "tokenizer.json" in msg and "tokenizer_config.json" in msg
 
 
+@pytest.mark.organism
 def test_hf_folder_without_tokenizer_cli(folder_without_tokenizer, capsys):
     from mechcliff.cli import main
 
@@ -164,6 +169,7 @@ def test_hf_folder_without_tokenizer_cli(folder_without_tokenizer, capsys):
 # ---- item 9: metric names and metric objects in patching -----------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_top_level_exports():
     import mechcliff as mc
     from mechcliff import patching, ships, sweep
@@ -195,6 +201,7 @@ def probe(organism):
     return LinearProbe(w=w, b=0.1, layer=1, model_id=organism.model_id, model_hash=organism.model_hash)
 
 
+@pytest.mark.organism
 def test_patch_heads_with_a_metric_name(organism, pair):
     import mechcliff as mc
 
@@ -210,6 +217,7 @@ def test_patch_heads_with_a_metric_name(organism, pair):
         mc.patch_heads(organism, target, source, "kl")
 
 
+@pytest.mark.organism
 def test_patch_heads_with_a_bad_metric_object(organism, pair):
     import mechcliff as mc
 
@@ -230,6 +238,7 @@ def test_patch_heads_with_a_bad_metric_object(organism, pair):
         mc.patch_positions(organism, target, source, Half())
 
 
+@pytest.mark.organism
 def test_patch_heads_accepts_a_probe_for_its_metric(organism, pair, probe):
     import mechcliff as mc
 
@@ -244,6 +253,7 @@ def test_patch_heads_accepts_a_probe_for_its_metric(organism, pair, probe):
 # ---- item 10: an adapter of another model ----------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_adapter_of_another_model_api():
     from mechcliff import load_model
 
@@ -256,6 +266,7 @@ def test_adapter_of_another_model_api():
     assert "smollm2-135m-instruct" in msg and "576" in msg and "96" in msg, msg
 
 
+@pytest.mark.organism
 def test_adapter_of_another_model_cli(capsys):
     from mechcliff.cli import main
 
@@ -266,6 +277,7 @@ def test_adapter_of_another_model_cli(capsys):
 # ---- item 11: a typo in a built-in name ----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_typo_in_builtin_name_fails_fast_with_a_suggestion(monkeypatch):
     from transformers.utils import logging  # noqa: F401 - imported by every load; time the decision, not the import
 
@@ -281,6 +293,7 @@ def test_typo_in_builtin_name_fails_fast_with_a_suggestion(monkeypatch):
         load_model("smollm2-135m-instruc")
 
 
+@pytest.mark.unit
 def test_typo_without_network_fails_fast(monkeypatch):
     """Not marked offline, but the hub cannot be reached: no minute of retries either."""
     from transformers.utils import logging  # noqa: F401
@@ -296,6 +309,7 @@ def test_typo_without_network_fails_fast(monkeypatch):
     assert time.perf_counter() - t0 < 2
 
 
+@pytest.mark.unit
 def test_typo_cli(capsys):
     from mechcliff.cli import main
 
@@ -303,6 +317,7 @@ def test_typo_cli(capsys):
     _assert_cli_error(rc, capsys, "did you mean 'organism'")
 
 
+@pytest.mark.unit
 def test_hub_probe_gives_up_within_its_timeout(monkeypatch):
     """A hub that accepts the connection and never answers, or refuses it: the probe says so within its timeout."""
     import socket
@@ -326,6 +341,7 @@ def test_hub_probe_gives_up_within_its_timeout(monkeypatch):
         assert loading._hub_reachable(timeout=0.5) is False
 
 
+@pytest.mark.unit
 def test_hub_probe_counts_any_http_answer(monkeypatch):
     import http.server
     import threading

