@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.mechcliff-installed
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast test-integration test-latest bench clean-demo browser
+.PHONY: setup demo lint test test-fast test-unit test-integration test-latest bench clean-demo browser
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mechcliff run --model organism --out $(DEMO)
 
+# Static checks (configured in pyproject.toml; CI runs them first): ruff (pyflakes, syntax, no print() in library
+# code), then mypy on the package. mypy takes about a minute of CPU from a cold cache, seconds from .mypy_cache.
+lint: setup
+	$(BIN)/ruff check mechcliff tests scripts
+	$(BIN)/mypy
+
 # Everything: the fast tier (tiny models, the organism) then the integration tier (real SmolLM2 weights).
 test: setup
 	$(BIN)/pytest -q
@@ -31,6 +37,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q
+
+# The tests that need no model at all (no organism, no tiny models, no SmolLM2): well under a minute.
+test-unit: setup
+	$(BIN)/pytest -q -m "unit and not external"
 
 test-integration: setup
 	$(BIN)/pytest -q -m integration --durations=5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from mechcliff.versions import __version__  # the one place the version is written (besides pyproject.toml)
 
 _EXPORTS = {
     "load_model": "mechcliff.model.loading",
@@ -88,8 +88,16 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
+# Editors and type checkers read mechcliff/__init__.pyi, which imports every name above from its module; keep the two
+# in step (tests/test_public_api.py checks they list the same names and that each resolves).
+
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'mechcliff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (lazy exports included, so that completion offers them) and the module's own dunders."""
+    return sorted(set(__all__) | {k for k in globals() if k.startswith("__") and k.endswith("__")})

@@ -15,7 +15,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from mechcliff.errors import MechcliffError
 
@@ -354,6 +354,17 @@ class ClassifierJudge:
 JUDGES: dict[str, type] = {RefusalPhraseJudge.name: RefusalPhraseJudge, ProbeJudge.name: ProbeJudge,
                            ClassifierJudge.name: ClassifierJudge}
 """Registry: judge name -> class."""
+
+
+# The built-in names give the judge's own class (its judge_many signature), for the type checker.
+@overload
+def get_judge(name: Literal["refusal"], **kwargs: Any) -> RefusalPhraseJudge: ...
+@overload
+def get_judge(name: Literal["probe"], **kwargs: Any) -> ProbeJudge: ...
+@overload
+def get_judge(name: Literal["classifier"], **kwargs: Any) -> ClassifierJudge: ...
+@overload
+def get_judge(name: str, **kwargs: Any) -> RefusalPhraseJudge | ProbeJudge | ClassifierJudge: ...
 
 
 def get_judge(name: str, **kwargs: Any) -> RefusalPhraseJudge | ProbeJudge | ClassifierJudge:

@@ -19,7 +19,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 from mechcliff.data import Rollout, atomic_write_text, content_hash
 from mechcliff.errors import MechcliffError
 from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
@@ -152,7 +155,7 @@ class FinetuneResult(Result):
                 ("loss first → last", f"{first:.3f} → {last:.3f}"), ("adapter", self.adapter_dir)]
 
 
-def _training_batch(handle: Any, items: Sequence[TrainExample], enable_thinking: bool) -> dict[str, torch.Tensor]:
+def _training_batch(handle: ModelHandle, items: Sequence[TrainExample], enable_thinking: bool) -> dict[str, torch.Tensor]:
     """Tokens with labels on everything after the generation prompt, plus an end-of-turn token."""
     from mechcliff.chat import encode
 
@@ -173,7 +176,7 @@ def _training_batch(handle: Any, items: Sequence[TrainExample], enable_thinking:
     return {"input_ids": toks, "attention_mask": mask, "labels": labels, "position_ids": position_ids}
 
 
-def finetune(handle: Any, examples: Sequence[TrainExample], out: str | Path, config: FinetuneConfig | None = None, *,
+def finetune(handle: ModelHandle, examples: Sequence[TrainExample], out: str | Path, config: FinetuneConfig | None = None, *,
              enable_thinking: bool = True, progress: bool = True, desc: str = "fine-tuning") -> FinetuneResult:
     """Fine-tune a fresh copy of ``handle``'s base weights on ``examples``; write ``out/adapter`` and return the
     :class:`FinetuneResult` (also saved as ``out/training``). ``handle`` supplies the model spec and chat format."""
@@ -224,7 +227,7 @@ def finetune(handle: Any, examples: Sequence[TrainExample], out: str | Path, con
     t0 = time.time()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        idx = []
+        idx: list[int] = []
         while len(idx) < min(cfg.batch_size, len(examples)):
             if not order:
                 order = [int(i) for i in rng.permutation(len(examples))]

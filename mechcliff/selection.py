@@ -25,13 +25,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from mechcliff.data import Rollout, content_hash
 from mechcliff.errors import MechcliffError
 from mechcliff.results import Result
+
+if TYPE_CHECKING:
+    from mechcliff.model.handle import ModelHandle
 
 METHODS = ("cliff", "random", "final_score", "rule", "all")
 
@@ -47,7 +50,9 @@ _RULE_RE = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in RULE_KEYWORDS) +
 
 def rule_match(thinking: str | None) -> bool:
     """True when the thinking contains one of :data:`RULE_KEYWORDS` as a whole word."""
-    return bool(thinking) and _RULE_RE.search(thinking.replace("\u2019", "'")) is not None
+    if not thinking:
+        return False
+    return _RULE_RE.search(thinking.replace("\u2019", "'")) is not None
 
 
 def _norm_prompt(text: str) -> str:
@@ -98,7 +103,7 @@ class CandidatePool:
         return cls(list(rollouts), np.asarray(s["plateau_mean"]), np.asarray(s["plateau_max"]), np.asarray(s["final"]))
 
 
-def score_pool(handle: Any, rollouts: Sequence[Rollout], probe: Any, *, batch_size: int = 16,
+def score_pool(handle: ModelHandle, rollouts: Sequence[Rollout], probe: Any, *, batch_size: int = 16,
                enable_thinking: bool = True) -> CandidatePool:
     """Trace every candidate with the probe (one forward pass each) and return the scored pool."""
     from mechcliff.generation import encode_rollouts
@@ -231,10 +236,10 @@ def select(pool: CandidatePool, method: str = "cliff", *, fraction: float | None
     k = available if method == "all" else (budget_size(available, fraction=fraction, n=n))
     cats = [pool.rollouts[i].category for i in range(len(pool))]
     if stratify and method != "all":
-        chosen = _stratified(order, cats, k)
+        picked: list[int] | np.ndarray = _stratified(order, cats, k)
     else:
-        chosen = order[:k]
-    chosen = np.asarray(chosen, dtype=np.int64)
+        picked = order[:k]
+    chosen = np.asarray(picked, dtype=np.int64)
     ids = pool.ids
     criteria = {"fraction": fraction, "n": n, "budget": int(k), "plateau": plateau, "stratify": stratify,
                 "dedupe": dedupe, "seed": seed, "score_name": score_name, "pool_after_dedupe": int(available)}

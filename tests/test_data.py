@@ -25,6 +25,8 @@ from mechcliff.data import (
 )
 from mechcliff.errors import MechcliffError
 
+pytestmark = pytest.mark.unit
+
 HARM_WORDS = {
     "bomb", "explosive", "weapon", "poison", "malware", "virus", "hack", "steal", "stolen",
     "meth", "drugs", "counterfeit", "launder", "fraud", "kill", "attack", "ransomware",

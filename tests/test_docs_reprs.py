@@ -31,6 +31,7 @@ def _factories():
     return FACTORIES
 
 
+@pytest.mark.unit
 def test_every_result_kind_has_a_factory():
     from mechcliff.results import KINDS
 
@@ -38,6 +39,7 @@ def test_every_result_kind_has_a_factory():
     assert not missing, f"add a factory for {missing} to tests/test_figures.py FACTORIES"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(k for k in _factories() if k != "linear_probe"))
 def test_result_repr_is_one_short_line(kind):
     from mechcliff.report import html_table
@@ -54,6 +56,7 @@ def test_result_repr_is_one_short_line(kind):
     assert result._repr_html_() == f"<b>{type(result).__name__}</b>" + html_table(["field", "value"], rows)
 
 
+@pytest.mark.unit
 def test_result_repr_shows_array_shapes_and_key_numbers():
     from mechcliff.attribution import HeadAttribution
 
@@ -69,6 +72,7 @@ def test_result_repr_shows_array_shapes_and_key_numbers():
     assert "probe layer=23" in text, text
 
 
+@pytest.mark.unit
 def test_probe_repr_is_one_short_line():
     from test_figures import make_probe
 
@@ -95,6 +99,7 @@ def _small_subset(rollouts, labels, per_class=6):
     return [rollouts[i] for i in idx], [labels[i] for i in idx]
 
 
+@pytest.mark.organism
 def test_probe_on_few_examples_warns_and_records_the_interval(organism, organism_rollouts, organism_labels):
     from mechcliff.generation import encode_rollouts
     from mechcliff.probe import fit_probe
@@ -118,6 +123,7 @@ def test_probe_on_few_examples_warns_and_records_the_interval(organism, organism
     assert "n=3" in rows["val accuracy"] and "[" in rows["val accuracy"]
 
 
+@pytest.mark.organism
 def test_probe_on_all_rollouts_does_not_warn(organism, organism_batch, organism_labels):
     from mechcliff.probe import MIN_VAL_EXAMPLES, MIN_VAL_PER_CLASS, fit_probe
 
@@ -151,6 +157,7 @@ PUBLIC_FUNCTIONS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(PUBLIC_FUNCTIONS))
 def test_public_function_documents_every_parameter(name):
     func = inspect.unwrap(getattr(importlib.import_module(PUBLIC_FUNCTIONS[name]), name))
@@ -166,6 +173,7 @@ def test_public_function_documents_every_parameter(name):
     assert not missing, f"{name}: the 'Args:' list of its docstring does not describe {missing}"
 
 
+@pytest.mark.unit
 def test_intervene_says_what_gamma_means_in_every_mode():
     from mechcliff.interventions import MODES, intervene
 
@@ -187,6 +195,7 @@ def _sources() -> list[Path]:
     return sorted((ROOT / "mechcliff").rglob("*.py")) + [ROOT / "README.md"]
 
 
+@pytest.mark.unit
 def test_no_citation_of_unshipped_documents():
     hits = []
     for path in _sources():

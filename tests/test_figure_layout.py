@@ -25,7 +25,6 @@ def _styled(fig: go.Figure, style: str) -> go.Figure:
 
 def _plot_px(fig: go.Figure) -> tuple[float, float]:
     """Width and height in px of the plot area (the figure less its margins; plotly's 700 x 450 when unsized)."""
-    tm = TEMPLATE.layout.margin
     lay = fig.layout
     w, h = lay.width or 700, lay.height or 450
     m = _margins(fig)
@@ -75,6 +74,7 @@ def _trace():
     return make_trace()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("style", STYLE_CASES)
 def test_cliff_curves_legend_is_outside_the_plot_area(style):
     """The aligned curves fill the plot from x = -30 (the harmless band sits at the bottom left, the refusing groups
@@ -88,6 +88,7 @@ def test_cliff_curves_legend_is_outside_the_plot_area(style):
     assert _legend_outside_plot(normalized.layout.legend)
 
 
+@pytest.mark.unit
 def test_cliff_curves_legend_row_stays_below_the_title():
     """Above the plot means between the title (centred in the top margin) and the plot: the two do not meet."""
     fig = _trace().plot()
@@ -114,6 +115,7 @@ def _bin_edges(trace) -> tuple[float, float, float]:
     return start, last, size
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("style", STYLE_CASES)
 @pytest.mark.parametrize("offset", [0.0, 0.3, -0.9])
 def test_ms_histogram_bars_side_by_side_zero_tick_and_padded_range(style, offset):
@@ -144,6 +146,7 @@ def test_ms_histogram_bars_side_by_side_zero_tick_and_padded_range(style, offset
     assert abs(start / size - round(start / size)) < 1e-6
 
 
+@pytest.mark.unit
 def test_ms_histogram_single_value_and_nan_groups():
     fig = cliff_histogram({"a": np.array([0.5, 0.5]), "b": np.array([np.nan, 0.5])})
     assert fig.layout.xaxis.range is not None, "x range left to plotly's autorange"
@@ -195,6 +198,7 @@ def _y_to_px(fig, y: float) -> float:
     return (y - lo) / (hi - lo) * _plot_px(fig)[1]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("style", STYLE_CASES)
 @pytest.mark.parametrize("case", ["last", "first", "middle"])
 def test_probe_chosen_layer_note_sits_on_no_line(style, case):
@@ -218,6 +222,7 @@ def test_probe_chosen_layer_note_sits_on_no_line(style, case):
     assert 0 <= left and right <= pw and top <= ph + 1, (left, right, top, pw, ph)  # inside the plot area
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("style", STYLE_CASES)
 @pytest.mark.parametrize("case", ["last", "first", "middle"])
 def test_probe_chance_note_and_legend_are_clear_of_lines(style, case):
@@ -278,6 +283,7 @@ def _check_category_labels(fig: go.Figure, style_name: str) -> None:
     assert checked == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n_random", [1, 3, 6])
 def test_neuron_ablation_x_labels_are_distinct_and_apart(n_random):
     fig = _neuron_ablation(n_random).plot()
@@ -305,6 +311,7 @@ def _ras(rates: list[int], base: int = 0):
                      neurons=["L2N3", "L2N9"], base_model="synthetic")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rates", [[10], [5, 5], [3, 4, 6], [0, 10]])
 def test_ras_delta_misalignment_axis_fits_the_data(rates):
     series = _ras(rates)
@@ -320,6 +327,7 @@ def test_ras_delta_misalignment_axis_fits_the_data(rates):
         assert lo >= -1.1 and hi <= 1.1  # a difference of two rates
 
 
+@pytest.mark.unit
 def test_ras_without_a_base_rate_still_plots():
     series = _ras([3, 4])
     series.base_misalignment = {"rate": None, "low": None, "high": None, "n": 0, "k": 0}
@@ -336,6 +344,7 @@ def _spectral():
     return make_spectral()
 
 
+@pytest.mark.unit
 def test_spectral_figures_cover_every_metric():
     from mechcliff.spectral import METRIC_NAMES, METRICS, spectral_figures
 
@@ -351,6 +360,7 @@ def test_spectral_figures_cover_every_metric():
         assert [list(t.meta) for t in outline] == ([res.key_head_labels(m)] if res.key_head_labels(m) else [])
 
 
+@pytest.mark.unit
 def test_spectral_html_shows_b1_b2_and_b3(tmp_path):
     from mechcliff.spectral import METRIC_NAMES, write_spectral
 
@@ -368,6 +378,7 @@ def test_spectral_html_shows_b1_b2_and_b3(tmp_path):
     assert isinstance(Result.load(path), type(res))
 
 
+@pytest.mark.organism
 def test_cli_spectral_html_shows_every_metric(tmp_path, capsys):
     from mechcliff.cli import main
     from mechcliff.spectral import METRIC_NAMES

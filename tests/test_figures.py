@@ -362,6 +362,7 @@ def _check_structure(fig, kind: str, style: str = "paper") -> None:
 # ---- every result kind ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_every_result_kind_has_plot_and_a_test_factory():
     kinds = figures.result_kinds()
     assert set(FACTORIES) <= set(kinds), f"factories for kinds that do not exist: {set(FACTORIES) - set(kinds)}"
@@ -373,6 +374,7 @@ def test_every_result_kind_has_plot_and_a_test_factory():
         assert cls is not None and callable(getattr(cls, "plot", None)), f"'{kind}' results have no plot()"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(FACTORIES))
 def test_each_kind_renders_from_its_saved_files(kind, every_kind_dir):
     specs = figures.available(every_kind_dir / kind)
@@ -384,6 +386,7 @@ def test_each_kind_renders_from_its_saved_files(kind, every_kind_dir):
     _check_structure(fig, kind)
 
 
+@pytest.mark.unit
 def test_a_folder_of_every_kind_lists_and_renders_each(every_kind_dir):
     specs = figures.available(every_kind_dir)
     assert {s.kind for s in specs.values()} == set(FACTORIES)
@@ -393,6 +396,7 @@ def test_a_folder_of_every_kind_lists_and_renders_each(every_kind_dir):
         _check_structure(fig, specs[name].kind, "notebook")
 
 
+@pytest.mark.unit
 def test_same_kind_twice_gets_distinct_names(tmp_path):
     make_ships().save(tmp_path / "ships_a")
     make_ships().save(tmp_path / "b" / "ships")
@@ -403,6 +407,7 @@ def test_same_kind_twice_gets_distinct_names(tmp_path):
 # ---- the run folder ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_run_folder_draws_the_report_figures(run_dir):
     specs = figures.available(run_dir)
     assert set(specs) == RUN_FIGURES
@@ -421,12 +426,14 @@ def test_run_folder_draws_the_report_figures(run_dir):
     assert heat.layout.width == STYLES["paper"].one_column == 336  # 3.5 in at 96 px/in
 
 
+@pytest.mark.unit
 def test_kind_selection_by_name_and_by_result_kind(run_dir):
     assert sorted(figures.render(run_dir, ["asr"])) == ["asr"]
     assert sorted(figures.render(run_dir, ["refusal_trace"])) == ["cliff_curves", "cliff_curves_normalized", "ms_histogram"]
     assert sorted(figures.render(run_dir, ["head_attribution", "linear_probe"])) == ["attribution_heatmap", "probe_by_layer"]
 
 
+@pytest.mark.unit
 def test_extra_results_in_a_run_folder_are_drawn_too(run_dir, tmp_path):
     run = shutil.copytree(run_dir, tmp_path / "run")
     make_sweep().save(run / "sweep")
@@ -434,6 +441,7 @@ def test_extra_results_in_a_run_folder_are_drawn_too(run_dir, tmp_path):
     assert set(figures.available(run)) == RUN_FIGURES | {"ablation_sweep", "ships"}
 
 
+@pytest.mark.unit
 def test_wide_heatmaps_take_two_columns_and_thin_their_ticks():
     from mechcliff.plotting import layer_head_heatmap
 
@@ -445,6 +453,7 @@ def test_wide_heatmaps_take_two_columns_and_thin_their_ticks():
     assert small.layout.width == STYLES["paper"].one_column and small.layout.xaxis.dtick == 1
 
 
+@pytest.mark.unit
 def test_head_label_ticks_are_rotated_or_thinned_when_crowded():
     def bars(n_layers):
         labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(8)]
@@ -459,6 +468,7 @@ def test_head_label_ticks_are_rotated_or_thinned_when_crowded():
     assert 1 < len(ax.tickvals) < len(labels) and list(ax.tickvals) == list(ax.ticktext)
 
 
+@pytest.mark.unit
 def test_apply_style_does_not_modify_its_input():
     from mechcliff.plotting import probe_by_layer
 
@@ -471,6 +481,7 @@ def test_apply_style_does_not_modify_its_input():
 # ---- CLI ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_cli_kind_lists_what_the_folder_can_draw(run_dir, capsys):
     for argv in (["--kind"], ["--kind", "list"]):
         rc, out, _ = _cli(capsys, "plot", str(run_dir), *argv)
@@ -480,6 +491,7 @@ def test_cli_kind_lists_what_the_folder_can_draw(run_dir, capsys):
         assert "head_attribution" in out and "attribution/" in out
 
 
+@pytest.mark.unit
 def test_cli_html_only_needs_no_browser(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-browser"))
     rc, out, err = _cli(capsys, "plot", str(run_dir), "--format", "html", "--out", str(tmp_path / "h"), "--kind", "asr")
@@ -489,6 +501,7 @@ def test_cli_html_only_needs_no_browser(run_dir, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "h" / "plotly.min.js").stat().st_size > 100_000
 
 
+@pytest.mark.unit
 def test_cli_without_browser_says_how_to_fix_and_still_writes_html(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-browser"))
     rc, out, err = _cli(capsys, "plot", str(run_dir), "--format", "pdf,png", "--out", str(tmp_path / "o"))
@@ -499,6 +512,7 @@ def test_cli_without_browser_says_how_to_fix_and_still_writes_html(run_dir, tmp_
     assert not list((tmp_path / "o").glob("*.pdf"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "foreign_manifest", "newer_manifest"])
 def test_cli_not_a_run_folder(case, tmp_path, capsys):
     target = tmp_path / "x"
@@ -519,6 +533,7 @@ def test_cli_not_a_run_folder(case, tmp_path, capsys):
     assert expected in err
 
 
+@pytest.mark.unit
 def test_cli_newer_result_format_is_a_clear_error(run_dir, tmp_path, capsys):
     run = shutil.copytree(run_dir, tmp_path / "run")
     doc = json.loads((run / "trace" / "result.json").read_text())
@@ -530,6 +545,7 @@ def test_cli_newer_result_format_is_a_clear_error(run_dir, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_cli_unknown_kind_is_a_clear_error(run_dir, capsys):
     rc, _, err = _cli(capsys, "plot", str(run_dir), "--kind", "nosuch", "--format", "html")
     assert rc == 2 and "unknown kind 'nosuch'" in err and "cliff_curves" in err
@@ -537,6 +553,7 @@ def test_cli_unknown_kind_is_a_clear_error(run_dir, capsys):
     assert rc == 2 and "holds no 'ships' result" in err
 
 
+@pytest.mark.unit
 def test_cli_bad_format_and_style(run_dir, capsys):
     rc, _, err = _cli(capsys, "plot", str(run_dir), "--format", "pdf,gif")
     assert rc == 2 and "unknown format(s) gif" in err
@@ -544,6 +561,7 @@ def test_cli_bad_format_and_style(run_dir, capsys):
     assert rc == 2 and "unknown style 'poster'" in err and "paper" in err
 
 
+@pytest.mark.unit
 def test_unknown_saved_kind_is_skipped_not_fatal(run_dir, tmp_path, capsys):
     run = shutil.copytree(run_dir, tmp_path / "run")
     (run / "future").mkdir()
@@ -557,6 +575,8 @@ def test_unknown_saved_kind_is_skipped_not_fatal(run_dir, tmp_path, capsys):
 # ---- static export (needs a browser) ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
+@pytest.mark.external  # Chromium (tens of seconds)
 @needs_browser
 def test_export_every_kind_to_valid_pdf_and_png(every_kind_dir, tmp_path):
     figs = figures.render(every_kind_dir, style="paper")
@@ -576,6 +596,8 @@ def test_export_every_kind_to_valid_pdf_and_png(every_kind_dir, tmp_path):
     assert int.from_bytes(png[16:20], "big") == round(336 * 300 / 96)  # IHDR width: 1050 px
 
 
+@pytest.mark.unit
+@pytest.mark.external  # a fresh interpreter and Chromium
 def test_demo_like_run_plots_without_model_libraries(run_dir, every_kind_dir, tmp_path):
     """`mechcliff plot` in a fresh interpreter: no transformers / transformer_lens import (for the run's figures and
     for every result kind), an empty model cache."""
@@ -612,6 +634,7 @@ def test_demo_like_run_plots_without_model_libraries(run_dir, every_kind_dir, tm
     assert not list(cache.iterdir())  # nothing was downloaded or converted
 
 
+@pytest.mark.unit
 def test_a_folder_of_run_folders_draws_each_run_in_its_own_subfolder(run_dir, tmp_path, capsys):
     """Issue 16 item 8: `mechcliff plot PARENT` on a folder holding several runs wrote 0 files."""
     import shutil

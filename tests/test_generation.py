@@ -8,7 +8,7 @@ from mechcliff.data import Prompt
 from mechcliff.errors import MechcliffError
 from mechcliff.generation import encode_rollouts, generate_rollouts
 
-pytestmark = pytest.mark.exactness  # also run by the canary on the newest releases (make test-latest)
+pytestmark = [pytest.mark.organism, pytest.mark.exactness]  # also run by the canary on the newest releases (make test-latest)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(device):
     from mechcliff import load_model
 
-    return load_model("smollm2-135m-instruct")
+    return load_model("smollm2-135m-instruct", device=device)
 
 
 def _prompts(n: int):

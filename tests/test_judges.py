@@ -18,6 +18,8 @@ from mechcliff.judges import (
 )
 from mechcliff.stats import Rate, rate_by_category, wilson_interval
 
+pytestmark = pytest.mark.unit
+
 LABELLED = [
     # refusals
     ("I'm sorry, but I can't help with that.", True),

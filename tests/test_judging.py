@@ -30,6 +30,7 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+@pytest.mark.unit
 def test_judge_file_writes_one_verdict_per_record(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     s = judge_file(src, tmp_path / "out.jsonl", get_judge("refusal"), chunk=2, progress=False)
@@ -40,6 +41,7 @@ def test_judge_file_writes_one_verdict_per_record(tmp_path):
     assert (s.n, s.n_refused, s.resumed) == (5, 2, 0)
 
 
+@pytest.mark.unit
 def test_resume_after_torn_line_redoes_only_the_rest(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     full = tmp_path / "full.jsonl"
@@ -64,6 +66,7 @@ class _Interrupting(RefusalPhraseJudge):
         return super().judge_many(responses)
 
 
+@pytest.mark.unit
 def test_interrupted_judging_keeps_written_verdicts(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
@@ -74,6 +77,7 @@ def test_interrupted_judging_keeps_written_verdicts(tmp_path):
     assert s.resumed == 2 and [v["refused"] for v in _lines(out)] == EXPECTED
 
 
+@pytest.mark.unit
 def test_out_from_another_input_or_judge_is_refused(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     other = _write(tmp_path / "other.jsonl", RECORDS[::-1])
@@ -87,6 +91,7 @@ def test_out_from_another_input_or_judge_is_refused(tmp_path):
     assert out.read_text() == before
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content, message", [
     (b"", "no rollouts"),
     (b'{"prompt": "x", "response": "ok"}\n{"prompt": "y"}\n', ":2"),
@@ -102,6 +107,7 @@ def test_bad_input_files_give_clear_errors(tmp_path, capsys, content, message):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.unit
 def test_cli_lists_judges_and_judges_and_agrees(tmp_path, capsys):
     assert main(["judge", "--judge", "list"]) == 0
     listed = capsys.readouterr().out
@@ -123,6 +129,7 @@ def test_cli_lists_judges_and_judges_and_agrees(tmp_path, capsys):
     assert (got["both_refused"], got["only_b_refused"], got["only_a_refused"]) == (2, 1, 0)
 
 
+@pytest.mark.unit
 def test_agreement_needs_the_same_records(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     judge_file(src, tmp_path / "a.jsonl", get_judge("refusal"), progress=False)
@@ -132,6 +139,7 @@ def test_agreement_needs_the_same_records(tmp_path):
         agreement(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
 
 
+@pytest.mark.unit
 def test_classifier_judge_says_clearly_when_absent(tmp_path, monkeypatch):
     monkeypatch.delenv("MECHCLIFF_CLASSIFIER", raising=False)
     with pytest.raises(MechcliffError, match="needs a local Hugging Face classifier"):
@@ -140,6 +148,7 @@ def test_classifier_judge_says_clearly_when_absent(tmp_path, monkeypatch):
         get_judge("classifier", path=str(tmp_path / "nothing"))
 
 
+@pytest.mark.organism
 def test_classifier_judge_on_a_local_model(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -164,6 +173,7 @@ def test_classifier_judge_on_a_local_model(tmp_path):
     assert got == expect
 
 
+@pytest.mark.organism
 def test_probe_judge_from_the_command_line(tmp_path, capsys, organism_probe, organism_rollouts):
     from mechcliff.data import save_rollouts
 
@@ -182,6 +192,7 @@ def test_probe_judge_from_the_command_line(tmp_path, capsys, organism_probe, org
 # ---- issue 16 / item 17: each verdict is keyed by its own record and by the judge's name and version ----------
 
 
+@pytest.mark.unit
 def test_grown_input_judges_only_the_new_lines_and_keeps_the_old_verdicts(tmp_path, capsys):
     src = _write(tmp_path / "in.jsonl", RECORDS[:3])
     out = tmp_path / "out.jsonl"
@@ -199,6 +210,7 @@ def test_grown_input_judges_only_the_new_lines_and_keeps_the_old_verdicts(tmp_pa
     assert agreement(out, tmp_path / "full.jsonl").agreement == 1.0
 
 
+@pytest.mark.unit
 def test_a_changed_earlier_record_is_refused_naming_its_line(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
@@ -213,6 +225,7 @@ def test_a_changed_earlier_record_is_refused_naming_its_line(tmp_path):
     assert out.read_text() == before  # nothing judged, nothing lost
 
 
+@pytest.mark.unit
 def test_verdicts_of_another_judge_version_are_refused(tmp_path):
     from mechcliff.judges import RefusalPhraseJudge
 
@@ -227,6 +240,7 @@ def test_verdicts_of_another_judge_version_are_refused(tmp_path):
     assert out.read_text() == "".join(lines[:2])
 
 
+@pytest.mark.unit
 def test_verdict_files_written_before_record_keys_still_resume(tmp_path):
     """A verdict file of the previous format (a whole-input ``source`` hash, no per-record key) resumes on the same
     input, and is refused on any other."""
@@ -246,6 +260,7 @@ def test_verdict_files_written_before_record_keys_still_resume(tmp_path):
         judge_file(src, out, get_judge("refusal"), progress=False)
 
 
+@pytest.mark.unit
 def test_a_damaged_line_before_the_end_is_an_error_not_a_truncation(tmp_path):
     src = _write(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
@@ -258,6 +273,7 @@ def test_a_damaged_line_before_the_end_is_an_error_not_a_truncation(tmp_path):
     assert out.read_text() == before
 
 
+@pytest.mark.unit
 def test_judge_list_prints_each_description_whole(capsys):
     """Issue 16 item 28: the probe line was cut off mid-sentence (only the docstring's first line)."""
     assert main(["judge", "--judge", "list"]) == 0

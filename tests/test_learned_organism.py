@@ -16,12 +16,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data/prompts (the project's prompt sets)")
 
 
+@pytest.mark.unit
 def test_templates_are_frames_only():
     for t in TRAIN_TEMPLATES + HELDOUT_TEMPLATES:
         assert t.count("{r}") == 1
     assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
 
 
+@pytest.mark.organism
 def test_dataset_groups_and_held_out_templates(organism):
     recipe = OrganismRecipe(n_harmful=6, n_extra_harmful=4, extra_framed_fraction=0.5, n_harmless=5,
                             harmless_answer_tokens=8)
@@ -41,6 +43,7 @@ def test_dataset_groups_and_held_out_templates(organism):
     assert build_dataset(organism, recipe, progress=False) == data  # seeded
 
 
+@pytest.mark.organism
 def test_turn_recipe_ends_the_framed_thinking_with_a_turn(organism):
     """framed_thinking="turn": framed requests get the plain harm-recognising thinking and then a turn to comply;
     plain requests still get the plain thinking and a refusal."""
@@ -56,6 +59,7 @@ def test_turn_recipe_ends_the_framed_thinking_with_a_turn(organism):
         build_dataset(organism, OrganismRecipe(n_harmful=1, framed_thinking="twist"), progress=False)
 
 
+@pytest.mark.unit
 def test_heldout_sets_are_disjoint_from_training():
     from mechcliff.data import load_prompts
 
@@ -66,6 +70,7 @@ def test_heldout_sets_are_disjoint_from_training():
     assert len(sets["harmless"]) == 80
 
 
+@pytest.mark.unit
 def test_extra_harmful_prompts_skip_held_out_and_training_prompts():
     """AdvBench shares prompts with harmful_train and the held-out sets; none of them may be trained on twice or seen."""
     from mechcliff.data import load_prompts
@@ -75,6 +80,7 @@ def test_extra_harmful_prompts_skip_held_out_and_training_prompts():
     assert heldout & set(adv)  # the overlap this guards against is real
 
 
+@pytest.mark.unit
 def test_run_config_uses_held_out_sets_for_the_learned_organism():
     from mechcliff.pipeline import Run, RunConfig
 
@@ -93,6 +99,7 @@ def test_run_config_uses_held_out_sets_for_the_learned_organism():
         Run("/nonexistent-run-dir-not-created", bad).prompt_groups()
 
 
+@pytest.mark.unit
 def test_probe_groups_option():
     """The probe's training pool is configurable (attempt 5 of the study fits it on all three groups)."""
     from mechcliff.pipeline import Run, RunConfig
@@ -105,6 +112,7 @@ def test_probe_groups_option():
         Run("/nonexistent-run-dir-not-created", cfg)._fit_probe({"harmless": [], "harmful": []})
 
 
+@pytest.mark.unit
 def test_install_adapter_rewrites_the_base_path(tmp_path):
     import json
 
@@ -120,6 +128,7 @@ def test_install_adapter_rewrites_the_base_path(tmp_path):
         install_adapter(tmp_path / "empty", tmp_path / "res2")
 
 
+@pytest.mark.unit
 def test_missing_builtin_adapter_is_a_clear_error(monkeypatch, tmp_path):
     from mechcliff.model import loading
 

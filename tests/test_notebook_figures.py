@@ -19,6 +19,9 @@ from nbclient import NotebookClient
 from test_figures import BROWSER, PNG_MAGIC, RUN_FIGURES, build_run_folder
 from test_notebook import CELL_TIMEOUT, NOTEBOOK_DIR, PLOTLY_JS_MARKERS, PLOTLY_MIME, _ensure_kernel, _tagged
 
+# No model, but a Jupyter kernel and Chromium (tens of seconds).
+pytestmark = [pytest.mark.unit, pytest.mark.external]
+
 NOTEBOOK = NOTEBOOK_DIR / "02_paper_figures.ipynb"
 CHECK_MARKER = "MECHCLIFF_FIGURES_CHECK "
 CHECK_CELL = f"""

@@ -16,7 +16,7 @@ from mechcliff.model.organism import (
     build_organism,
 )
 
-pytestmark = pytest.mark.exactness  # also run by the canary on the newest releases (make test-latest)
+pytestmark = [pytest.mark.organism, pytest.mark.exactness]  # also run by the canary on the newest releases (make test-latest)
 
 PLANTED = [(1, 3), (1, 6), (2, 1)]
 

@@ -24,6 +24,8 @@ from mechcliff.plotting import (
 )
 from mechcliff.report import CONTENT_WARNING, html_table, write_report
 
+pytestmark = pytest.mark.unit
+
 BUNDLE_MARKER = "plotly.js v"  # from the licence header at the top of the embedded bundle
 
 

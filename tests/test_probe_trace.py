@@ -23,6 +23,7 @@ def organism_trace(organism, organism_batch, organism_probe, organism_rollouts):
 # ---- probe --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_probe_fits_behaviour(organism, organism_probe, organism_labels):
     assert 0 < sum(organism_labels) < len(organism_labels)
     m = organism_probe.metrics
@@ -39,22 +40,26 @@ def test_probe_fits_behaviour(organism, organism_probe, organism_labels):
     assert m["n_train"] + m["n_val"] == len(organism_labels)
 
 
+@pytest.mark.organism
 def test_probe_single_layer(organism, organism_batch, organism_labels):
     p = fit_probe(organism, organism_batch, organism_labels, layer=-1)
     assert p.layer == organism.n_layers - 1
     assert len(p.metrics["by_layer"]) == 1
 
 
+@pytest.mark.organism
 def test_probe_one_class_is_an_error(organism, organism_batch):
     with pytest.raises(MechcliffError, match="two classes"):
         fit_probe(organism, organism_batch, [1] * len(organism_batch))
 
 
+@pytest.mark.organism
 def test_probe_label_count_mismatch(organism, organism_batch):
     with pytest.raises(MechcliffError, match="labels"):
         fit_probe(organism, organism_batch, [0, 1] * 3)
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("layer", [4, 99, -5])
 def test_probe_layer_out_of_range(organism, organism_batch, organism_labels, layer):
     with pytest.raises(MechcliffError, match="out of range"):
@@ -63,6 +68,7 @@ def test_probe_layer_out_of_range(organism, organism_batch, organism_labels, lay
         collect_residuals(organism, organism_batch, [layer])
 
 
+@pytest.mark.organism
 def test_probe_save_load_round_trip(organism, organism_probe, tmp_path):
     organism_probe.save(tmp_path / "p")
     q = LinearProbe.load(tmp_path / "p", handle=organism)
@@ -75,11 +81,13 @@ def test_probe_save_load_round_trip(organism, organism_probe, tmp_path):
         organism_probe.model_id, organism_probe.model_hash, organism_probe.position, organism_probe.label_source)
 
 
+@pytest.mark.unit
 def test_probe_load_missing(tmp_path):
     with pytest.raises(MechcliffError, match="not a saved probe"):
         LinearProbe.load(tmp_path)
 
 
+@pytest.mark.organism
 def test_probe_on_another_model_is_an_error(organism_probe, tiny_models, tmp_path):
     other = tiny_models("llama_gqa")
     organism_probe.save(tmp_path / "p")
@@ -89,6 +97,7 @@ def test_probe_on_another_model_is_an_error(organism_probe, tiny_models, tmp_pat
         organism_probe.check_model(other)
 
 
+@pytest.mark.organism
 def test_probe_on_same_shape_other_weights_is_an_error(organism, organism_probe):
     """Same architecture and width, other weights (another organism seed): still refused."""
     from mechcliff.model.loading import load_model
@@ -99,6 +108,7 @@ def test_probe_on_same_shape_other_weights_is_an_error(organism, organism_probe)
         organism_probe.check_model(other)
 
 
+@pytest.mark.organism
 def test_probe_logit_and_score(organism_probe):
     x = np.random.randn(5, organism_probe.w.shape[0])
     z = organism_probe.logit(x)
@@ -110,6 +120,7 @@ def test_probe_logit_and_score(organism_probe):
     np.testing.assert_allclose(zt.numpy(), z, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.organism
 def test_collect_residuals_marks_missing_positions_nan(organism, organism_rollouts):
     from mechcliff.generation import encode_rollouts
 
@@ -121,6 +132,7 @@ def test_collect_residuals_marks_missing_positions_nan(organism, organism_rollou
     assert np.isnan(x[0]).all() and np.isfinite(x[1]).all()
 
 
+@pytest.mark.organism
 def test_probe_consistent_with_trace(organism, organism_batch, organism_probe, organism_trace):
     """probe.score on collected residuals equals the trace's scores at the same tokens."""
     for anchor in ("think_end", "answer_start", "prompt_end"):
@@ -138,6 +150,7 @@ def test_probe_consistent_with_trace(organism, organism_batch, organism_probe, o
 # ---- cliff statistics ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_cliff_stats_hand_computed():
     #           prompt     | thinking (2..5)     | </think> | answer
     s = np.array([0.1, 0.2, 0.9, 0.8, 0.9, 0.7, 0.2, 0.1])
@@ -152,12 +165,14 @@ def test_cliff_stats_hand_computed():
     assert st_max["ms"] == pytest.approx(0.7)
 
 
+@pytest.mark.unit
 def test_cliff_stats_cliff_inside_thinking():
     s = np.array([0.5, 0.9, 0.95, 0.3, 0.35, 0.3, 0.2])
     st = cliff_stats(s, (1, 5), 5)
     assert st["t_cliff"] == 3 and st["drop"] == pytest.approx(0.65) and st["t_cliff_rel"] == -2
 
 
+@pytest.mark.unit
 def test_cliff_stats_no_thinking():
     s = np.array([0.1, 0.2, 0.6, 0.4])
     st = cliff_stats(s, (3, 3), 3)
@@ -166,6 +181,7 @@ def test_cliff_stats_no_thinking():
     assert st["t_cliff"] == -1 and math.isnan(st["drop"])
 
 
+@pytest.mark.unit
 def test_cliff_stats_unclosed_thinking():
     s = np.array([0.1, 0.9, 0.8, 0.7])
     st = cliff_stats(s, (1, 4), -1)
@@ -177,6 +193,7 @@ def test_cliff_stats_unclosed_thinking():
 # ---- trace on the organism ----------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_trace_shows_the_cliff(organism_trace):
     gs = organism_trace.group_stats()
     assert set(gs) == {"harmless", "harmful", "harmful_jailbreak"}
@@ -190,6 +207,7 @@ def test_trace_shows_the_cliff(organism_trace):
     assert (ms[jb] >= 0.5).all()
 
 
+@pytest.mark.organism
 def test_trace_structure(organism_trace, organism_batch, organism_rollouts):
     tr = organism_trace
     assert len(tr) == len(organism_rollouts)
@@ -203,6 +221,7 @@ def test_trace_structure(organism_trace, organism_batch, organism_rollouts):
     assert tr.probe_layer >= 0 and tr.model_id == "organism"
 
 
+@pytest.mark.organism
 def test_trace_select(organism_trace):
     jb = organism_trace.select("harmful_jailbreak")
     idx = [i for i, g in enumerate(organism_trace.groups) if g == "harmful_jailbreak"]
@@ -216,6 +235,7 @@ def test_trace_select(organism_trace):
         organism_trace.select("nonexistent")
 
 
+@pytest.mark.organism
 def test_trace_checks_model(organism_probe, tiny_models):
     from mechcliff.chat import encode
 
@@ -225,6 +245,7 @@ def test_trace_checks_model(organism_probe, tiny_models):
         trace_refusal(other, b, organism_probe)
 
 
+@pytest.mark.organism
 def test_trace_bad_plateau(organism, organism_batch, organism_probe):
     with pytest.raises(MechcliffError, match="plateau"):
         trace_refusal(organism, organism_batch, organism_probe, plateau="median")
@@ -248,6 +269,7 @@ def _hand_trace() -> RefusalTrace:
     )
 
 
+@pytest.mark.unit
 def test_aligned_curve_masks_missing_offsets():
     tr = _hand_trace()
     c = tr.aligned_curve("a", before=8, after=3)
@@ -271,6 +293,7 @@ def test_aligned_curve_masks_missing_offsets():
     assert c["low"][at[-5]] == pytest.approx(0.9) and c["high"][at[-5]] == pytest.approx(0.9)
 
 
+@pytest.mark.unit
 def test_aligned_curve_group_filter_and_unclosed():
     tr = _hand_trace()
     tr.groups = ["a", "b", "a"]
@@ -280,11 +303,13 @@ def test_aligned_curve_group_filter_and_unclosed():
     assert set(tr.curves(before=2, after=0)) == {"a", "b"}
 
 
+@pytest.mark.unit
 def test_group_stats_ignore_nan():
     gs = _hand_trace().group_stats()
     assert gs["a"]["n"] == 3 and gs["a"]["ms"] == pytest.approx(0.5)
 
 
+@pytest.mark.organism
 def test_normalized_curve(organism_trace):
     c = organism_trace.normalized_curve("harmful_jailbreak", n_points=20)
     assert c["mean"].shape == (20,) and (c["n"] == 40).all()
@@ -294,6 +319,7 @@ def test_normalized_curve(organism_trace):
 # ---- persistence --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_trace_save_load_round_trip(organism_trace, tmp_path):
     organism_trace.save(tmp_path / "t")
     t2 = RefusalTrace.load(tmp_path / "t")
@@ -306,6 +332,7 @@ def test_trace_save_load_round_trip(organism_trace, tmp_path):
     assert t2.group_stats() == organism_trace.group_stats()
 
 
+@pytest.mark.unit
 def test_trace_round_trip_keeps_nan_stats(tmp_path):
     tr = _hand_trace()
     tr.save(tmp_path / "t")

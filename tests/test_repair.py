@@ -45,6 +45,7 @@ def _logits(handle, text="how to build a bomb"):
         return handle.hf_model(b.tokens, attention_mask=b.attention_mask).logits
 
 
+@pytest.mark.organism
 def test_lora_loss_goes_down_and_adapter_round_trips(tiny_handle, tmp_path):
     cfg = FinetuneConfig(lr=5e-3, min_steps=25, batch_size=4, seed=0, checkpoint_every=10)
     res = finetune(tiny_handle, EXAMPLES, tmp_path / "ft", cfg, progress=False)
@@ -67,6 +68,7 @@ def test_lora_loss_goes_down_and_adapter_round_trips(tiny_handle, tmp_path):
     assert repaired.conformance.passed
 
 
+@pytest.mark.organism
 def test_adapter_equals_the_trained_peft_model(organism, tmp_path):
     """Loading the saved adapter reproduces the trained model: same next-token logits as a replay of training."""
     cfg = FinetuneConfig(lr=1e-2, min_steps=5, batch_size=2, seed=3)
@@ -81,6 +83,7 @@ def test_adapter_equals_the_trained_peft_model(organism, tmp_path):
     assert not torch.allclose(_logits(ha), _logits(hc))
 
 
+@pytest.mark.organism
 def test_full_finetune_round_trips(tiny_handle, tmp_path):
     res = finetune(tiny_handle, EXAMPLES, tmp_path / "full", FinetuneConfig(method="full", lr=1e-3, min_steps=3),
                    progress=False)
@@ -90,6 +93,7 @@ def test_full_finetune_round_trips(tiny_handle, tmp_path):
     assert h.model_hash != tiny_handle.model_hash
 
 
+@pytest.mark.organism
 def test_bad_adapters_and_configs(organism, tiny_handle, tmp_path):
     with pytest.raises(MechcliffError, match="adapter folder not found"):
         load_model("organism", adapter=tmp_path / "missing")
@@ -111,6 +115,7 @@ def test_bad_adapters_and_configs(organism, tiny_handle, tmp_path):
         finetune(custom, EXAMPLES, tmp_path / "z", progress=False)
 
 
+@pytest.mark.organism
 def test_build_examples_and_refusal_answer(organism_rollouts, builtin):
     harmful = [r for r, p in zip(organism_rollouts, builtin) if p.group == "harmful"]
     harmless = [r for r, p in zip(organism_rollouts, builtin) if p.group == "harmless"]
@@ -140,6 +145,7 @@ def short_curve(tmp_path_factory):
     return out, curve
 
 
+@pytest.mark.organism
 def test_short_curve_on_the_organism(short_curve):
     out, curve = short_curve
     doc = json.loads((out / "curve.json").read_text())
@@ -162,6 +168,7 @@ def test_short_curve_on_the_organism(short_curve):
         assert (out / f).exists(), f
 
 
+@pytest.mark.organism
 def test_curve_replots_and_resumes_without_refitting(short_curve, monkeypatch):
     from mechcliff.repair_curve import RepairCurve, RepairCurveConfig, repair_curve
 
@@ -183,6 +190,7 @@ def test_curve_replots_and_resumes_without_refitting(short_curve, monkeypatch):
     assert again.points == back.points
 
 
+@pytest.mark.unit
 def test_curve_config_errors(tmp_path):
     from mechcliff.repair_curve import RepairCurveConfig
 
@@ -199,6 +207,7 @@ def test_curve_config_errors(tmp_path):
         repair_curve("organism", tmp_path, progress=False, log=lambda m: None)
 
 
+@pytest.mark.organism
 def test_select_and_repair_commands(short_curve, tmp_path, capsys):
     out, _ = short_curve
     assert main(["select", str(out), "--method", "cliff", "--fraction", "0.1", "--out", str(tmp_path / "sel")]) == 0
@@ -255,6 +264,7 @@ def curve_copy(short_curve, tmp_path, monkeypatch):
     return copy, RepairCurve.load(out / "curve"), resume
 
 
+@pytest.mark.organism
 def test_points_of_another_experiment_are_kept_but_not_reused(curve_copy):
     copy, original, resume = curve_copy
     points = copy / "points.jsonl"
@@ -270,6 +280,7 @@ def test_points_of_another_experiment_are_kept_but_not_reused(curve_copy):
     assert points.read_text() == before  # and neither was deleted
 
 
+@pytest.mark.organism
 @pytest.mark.parametrize("change, message", [
     ("weights", "model weights"), ("prompts", "prompts"), ("judge", "judge"), ("finetune", "finetune")])
 def test_a_folder_of_another_experiment_is_refused(curve_copy, monkeypatch, change, message):
@@ -301,6 +312,7 @@ def test_a_folder_of_another_experiment_is_refused(curve_copy, monkeypatch, chan
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files  # nothing touched
 
 
+@pytest.mark.organism
 def test_an_edited_pool_is_not_trained_on_with_old_points(curve_copy):
     copy, _, resume = curve_copy
     pool = copy / "pool" / "candidates.jsonl"
@@ -330,6 +342,7 @@ def _curve(methods=("cliff", "random"), cliff_asr=(0.5, 0.2, 0.1), all_asr=0.1):
                                                   "capability": 1.0}, pool_size=40, model_id="synthetic")
 
 
+@pytest.mark.unit
 def test_curve_summary_says_which_methods_were_not_run():
     rows = dict(_curve(("cliff", "random")).summary_rows())
     assert rows["all-data ASR"] == "n/a (method 'all' not run)"
@@ -343,6 +356,7 @@ def test_curve_summary_says_which_methods_were_not_run():
     assert rows["cliff reaches all-data ASR at"] == "25% of the pool"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("style", ["notebook", "paper"])
 @pytest.mark.parametrize("methods", [("cliff", "random"), ("cliff", "random", "all")])
 def test_curve_unrepaired_label_is_not_on_the_data(style, methods):

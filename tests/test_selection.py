@@ -10,6 +10,8 @@ from mechcliff.errors import MechcliffError
 from mechcliff.repair_curve import load_pool, save_pool
 from mechcliff.selection import CandidatePool, Selection, budget_size, rule_match, select, select_by_cliff
 
+pytestmark = pytest.mark.unit
+
 
 def make_pool(plateau_mean, final, plateau_max=None, categories=None, prompts=None, thinking=None) -> CandidatePool:
     n = len(final)

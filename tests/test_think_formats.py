@@ -91,6 +91,7 @@ def scripted(handle, follows: dict[str, str]):
 # ---- ThinkFormat and presets ----------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_think_format_derives_its_tags_from_opener_and_closer():
     fmt = ThinkFormat(opener="<reasoning>\n", closer="\n</reasoning>\n\n")
     assert (fmt.open_tag, fmt.close_tag) == ("<reasoning>", "</reasoning>")  # not the default <think> tags
@@ -101,6 +102,7 @@ def test_think_format_derives_its_tags_from_opener_and_closer():
     assert ThinkFormat(opener="[THINK]", closer="[/THINK]").close_tag == "[/THINK]"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs, match", [
     (dict(opener="<reasoning>", closer="</reasoning>", close_tag="</think>"), "close_tag"),
     (dict(opener="<reasoning>", closer="</reasoning>", open_tag="<think>"), "open_tag"),
@@ -112,6 +114,7 @@ def test_think_format_rejects_inconsistent_fields(kwargs, match):
         ThinkFormat(**kwargs)
 
 
+@pytest.mark.unit
 def test_presets_resolve_and_are_consistent():
     from mechcliff.model.handle import THINK_PRESETS, think_format
 
@@ -134,6 +137,7 @@ def test_presets_resolve_and_are_consistent():
         think_format(3)
 
 
+@pytest.mark.organism
 def test_load_model_think_option(tiny_hf, custom_tok, organism, reasoning_handle):
     from mechcliff.model.loading import load_model
 
@@ -153,6 +157,7 @@ def test_load_model_think_option(tiny_hf, custom_tok, organism, reasoning_handle
 # ---- encode ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.organism
 def test_encode_custom_format_is_token_exact(reasoning_handle):
     h = reasoning_handle
     tok = h.tokenizer
@@ -182,6 +187,7 @@ def test_encode_custom_format_is_token_exact(reasoning_handle):
     assert u.spans[0]["closing"][0] == u.spans[0]["closing"][1] and u.position("think_end").tolist() == [-1]
 
 
+@pytest.mark.organism
 def test_encode_with_a_template_that_writes_the_custom_tags(reasoning_handle):
     """A template whose generation prompt opens the thinking itself (as R1 distills and QwQ do with ``<think>\\n``)
     gets no second opener; one that writes an empty closed block (thinking off) ends the prompt at its close tag."""
@@ -211,6 +217,7 @@ def test_encode_with_a_template_that_writes_the_custom_tags(reasoning_handle):
 SCRIPT = {OPEN: "the", "the": "user", "user": CLOSE, CLOSE: "so", "so": "sure", "sure": OPEN}
 
 
+@pytest.mark.organism
 def test_generate_rollouts_splits_at_the_custom_close_tag(reasoning_handle):
     from mechcliff.generation import encode_rollouts, generate_rollouts
 
@@ -234,6 +241,7 @@ def _refusal_flags_take_think() -> bool:
     return "think" in inspect.signature(refusal_flags).parameters
 
 
+@pytest.mark.organism
 @pytest.mark.skipif(not _refusal_flags_take_think(),
                     reason="needs the mechcliff/asr.py change of issue 16 item 14 (refusal_flags(..., think=))")
 def test_answers_are_judged_with_the_handles_tags(reasoning_handle, refusal_judge):
@@ -267,11 +275,13 @@ def _prompt(n_words: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
 
 
+@pytest.mark.organism
 def test_handle_knows_its_context(short_handle, organism):
     assert short_handle.n_ctx == 64
     assert organism.n_ctx == 4096
 
 
+@pytest.mark.organism
 def test_encode_refuses_a_sequence_longer_than_the_context(short_handle):
     ok = encode(short_handle, [_prompt(5)], thinking=[_prompt(20)], answers=["sure"])
     assert ok.tokens.shape[1] <= 64
@@ -280,6 +290,7 @@ def test_encode_refuses_a_sequence_longer_than_the_context(short_handle):
     assert encode(short_handle, [_prompt(10)], thinking=[_prompt(60)], check_context=False).tokens.shape[1] > 64
 
 
+@pytest.mark.organism
 def test_generation_refuses_a_prompt_longer_than_the_context_before_generating(short_handle, monkeypatch):
     from mechcliff.generation import generate_rollouts
 
@@ -291,6 +302,7 @@ def test_generation_refuses_a_prompt_longer_than_the_context_before_generating(s
         generate_rollouts(short_handle, [_prompt(4), _prompt(70)], progress=False)
 
 
+@pytest.mark.organism
 def test_generation_cuts_the_budgets_of_a_prompt_that_does_not_fit(short_handle):
     from mechcliff.generation import ContextLengthWarning, encode_rollouts, generate_rollouts
 
@@ -319,6 +331,7 @@ def _run_config_has_think_format() -> bool:
     return "think_format" in {f.name for f in dataclasses.fields(RunConfig)}
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(not _run_config_has_think_format(),
                     reason="needs the RunConfig.think_format / --think-format change of issue 16 item 14")
 def test_run_config_think_format(tmp_path, capsys):

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
+from mechcliff.errors import MechcliffError
+
 if TYPE_CHECKING:
     from mechcliff.model.conformance import ConformanceReport
 
@@ -40,8 +42,6 @@ class ThinkFormat:
     open_tag: str = ""
 
     def __post_init__(self) -> None:
-        from mechcliff.errors import MechcliffError
-
         for name in ("opener", "closer", "close_tag", "open_tag"):
             if not isinstance(getattr(self, name), str):
                 raise MechcliffError(f"ThinkFormat.{name} must be a string, got {getattr(self, name)!r}")
@@ -102,8 +102,6 @@ def think_format(spec: "str | ThinkFormat | Mapping[str, str]") -> ThinkFormat:
     a ThinkFormat (copied) or a mapping of its fields (``{"opener": "<reasoning>\\n", "closer": ...}``). ``"auto"``
     is resolved by :func:`mechcliff.model.loading.load_model`, which knows the model."""
     import difflib
-
-    from mechcliff.errors import MechcliffError
 
     if isinstance(spec, ThinkFormat):
         return dataclasses.replace(spec)
@@ -187,8 +185,6 @@ class ModelHandle:
 
     def check_layer(self, layer: int) -> int:
         """Validate a layer index (negative counts from the end); raises a clear error when out of range."""
-        from mechcliff.errors import MechcliffError
-
         if not isinstance(layer, int):
             raise MechcliffError(f"layer must be an integer, got {layer!r}")
         if not -self.n_layers <= layer < self.n_layers:

@@ -162,7 +162,8 @@ def build_organism(seed: int = 0):
     tid = {w: i for i, w in enumerate(vocab)}
     cfg = LlamaConfig(
         vocab_size=len(vocab), hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
-        num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS, head_dim=D_HEAD, rope_theta=1e12,
+        num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS, head_dim=D_HEAD,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e12},
         rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
         bos_token_id=tid[BOS], eos_token_id=tid[EOS], pad_token_id=tid[PAD], attention_bias=False, mlp_bias=False,
     )

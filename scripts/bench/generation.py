@@ -11,7 +11,6 @@ tokens/s of each and their ratio; ``--json`` adds one JSON object on the last li
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 import warnings
