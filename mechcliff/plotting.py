@@ -181,6 +181,14 @@ def _text(s: object) -> str:
     return html.escape(str(s), quote=False)
 
 
+def _legend_above(fig: go.Figure, title: str, *, height: int, hovermode: str) -> None:
+    """Layout of the line charts: the legend in one row above the plot (the curves span the whole x range, so a
+    legend inside would cover a band of them), with the top margin it needs."""
+    fig.update_layout(template=TEMPLATE, title=dict(text=_text(title)), height=height, hovermode=hovermode,
+                      legend=dict(orientation="h", x=0.0, xanchor="left", y=1.02, yanchor="bottom"),
+                      margin=dict(t=_TOP_WITH_LEGEND))
+
+
 def _color(i: int) -> str:
     return OKABE_ITO[i % len(OKABE_ITO)]
 
@@ -406,15 +414,7 @@ def cliff_curves(
             annotation=dict(text="&lt;/think&gt;", font=dict(color=_REFERENCE_LINE)),
             annotation_position="top left" if marker_x > 0 else "top right",
         )
-    fig.update_layout(
-        template=TEMPLATE,
-        title=dict(text=_text(title)),
-        height=480,
-        hovermode="closest",
-        # one row above the plot: the curves span the whole x range, so any legend inside covers a band
-        legend=dict(orientation="h", x=0.0, xanchor="left", y=1.02, yanchor="bottom"),
-        margin=dict(t=_TOP_WITH_LEGEND),
-    )
+    _legend_above(fig, title, height=480, hovermode="closest")
     fig.update_xaxes(title_text=_text(x_title))
     fig.update_yaxes(title_text=_text(y_title), range=[0.0, 1.0])
     return fig
@@ -476,14 +476,7 @@ def probe_by_layer(
             annotation_position="top left" if chosen_right else "top right",
             name="chosen layer",
         )
-    fig.update_layout(
-        template=TEMPLATE,
-        title=dict(text=_text(title)),
-        height=440,
-        hovermode="x unified",
-        legend=dict(orientation="h", x=0.0, xanchor="left", y=1.02, yanchor="bottom"),
-        margin=dict(t=_TOP_WITH_LEGEND),
-    )
+    _legend_above(fig, title, height=440, hovermode="x unified")
     fig.update_xaxes(title_text="layer", dtick=1 if x.size <= 40 else None, range=x_range)
     fig.update_yaxes(title_text="score", range=[0.4, _PROBE_Y_TOP], tickmode="array",
                      tickvals=[round(0.4 + 0.1 * k, 1) for k in range(7)])

@@ -140,17 +140,23 @@ def _fmt(v: Any) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_compare_modes(args: argparse.Namespace) -> int:
-    from mechcliff.data import save_rollouts
-    from mechcliff.modes import MODES, compare_modes
+def _probe_inputs(args: argparse.Namespace) -> tuple[list[Any], list[Any], Any, Any]:
+    """The harmful prompts (plain and jailbreak), the harmless prompts, the model, and the ``--probe`` (or None)."""
     from mechcliff.probe import LinearProbe
 
-    t0 = time.time()
-    out = Path(args.out)
     harmful = _prompts(args.harmful, ("harmful", "harmful_jailbreak"), args.n, "harmful")
     harmless = _prompts(args.harmless, ("harmless",), args.n, "harmless")
     h = load(args.model)
-    probe = LinearProbe.load(args.probe, h) if args.probe else None
+    return harmful, harmless, h, (LinearProbe.load(args.probe, h) if args.probe else None)
+
+
+def cmd_compare_modes(args: argparse.Namespace) -> int:
+    from mechcliff.data import save_rollouts
+    from mechcliff.modes import MODES, compare_modes
+
+    t0 = time.time()
+    out = Path(args.out)
+    harmful, harmless, h, probe = _probe_inputs(args)
     res = compare_modes(h, harmful, harmless, probe, no_think_format=args.no_think_format,
                         label_source=args.label_source, log=log, **_gen(args))
     traces, rollouts = res.traces, res.rollouts
@@ -183,15 +189,11 @@ def cmd_compare_modes(args: argparse.Namespace) -> int:
 
 
 def cmd_refusal_heads(args: argparse.Namespace) -> int:
-    from mechcliff.probe import LinearProbe
     from mechcliff.refusal_heads import refusal_heads
 
     t0 = time.time()
     out = Path(args.out)
-    harmful = _prompts(args.harmful, ("harmful", "harmful_jailbreak"), args.n, "harmful")
-    harmless = _prompts(args.harmless, ("harmless",), args.n, "harmless")
-    h = load(args.model)
-    probe = LinearProbe.load(args.probe, h) if args.probe else None
+    harmful, harmless, h, probe = _probe_inputs(args)
     gen = _gen(args)
     res = refusal_heads(h, harmful, harmless_prompts=harmless, probe=probe, no_think_format=args.no_think_format,
                         query=args.query, min_frequency=args.min_frequency, top_k=args.top_k,
