@@ -221,3 +221,73 @@ def mean_head_outputs(handle: ModelHandle, batch: Any, batch_size: int = 16) -> 
             total[layer] += chunk.values[n]
         count += int(chunk.where.attention_mask.bool().sum())
     return (total / max(count, 1)).float()
+
+
+# --------------------------------------------------------------------------- MLP neurons as targets
+
+
+def mlp_hook_name(handle: ModelHandle, layer: int) -> str:
+    """The hook holding layer ``layer``'s MLP neuron activations (the input of its output projection)."""
+    name = act_name("mlp_post", layer)
+    if name not in handle.bridge.hook_dict:
+        raise MechcliffError(f"{handle.model_id} has no MLP neuron hook {name} (an architecture without an MLP?)")
+    return name
+
+
+def d_mlp(handle: ModelHandle) -> int:
+    """MLP width (neurons per layer)."""
+    return int(handle.bridge.cfg.d_mlp)
+
+
+def neuron_label(layer: int, index: int) -> str:
+    return f"L{layer}N{index}"
+
+
+def parse_neuron(label: "str | Sequence[int]") -> tuple[int, int]:
+    """``"L3N17"`` or ``(3, 17)`` -> ``(3, 17)``."""
+    if isinstance(label, str):
+        s = label.strip().upper()
+        try:
+            if not s.startswith("L") or "N" not in s:
+                raise ValueError
+            layer_s, idx_s = s[1:].split("N", 1)
+            return int(layer_s), int(idx_s)
+        except ValueError:
+            raise MechcliffError(f"cannot read neuron {label!r}: write neurons as 'L<layer>N<index>', e.g. 'L3N17'") from None
+    layer, idx = label
+    return int(layer), int(idx)
+
+
+def check_neurons(handle: ModelHandle, neurons: Sequence[Any]) -> list[tuple[int, int]]:
+    out = []
+    width = d_mlp(handle)
+    for n in neurons:
+        l, j = parse_neuron(n)
+        if not (0 <= l < handle.n_layers and 0 <= j < width):
+            raise MechcliffError(f"neuron {neuron_label(l, j)} does not exist: {handle.model_id} has {handle.n_layers} "
+                                 f"layers x {width} MLP neurons")
+        out.append((l, j))
+    return out
+
+
+@contextlib.contextmanager
+def ablate_neurons(handle: ModelHandle, neurons: Sequence[Any], value: float = 0.0) -> Iterator[list[tuple[int, int]]]:
+    """Set ``neurons`` (``(layer, index)`` or ``"L3N17"``) to ``value`` (0: zero-ablation) in every forward pass and
+    generation step inside the ``with`` block. Weights are never modified."""
+    parsed = check_neurons(handle, neurons)
+    by_layer: dict[int, list[int]] = {}
+    for l, j in parsed:
+        by_layer.setdefault(l, []).append(j)
+
+    def make(idx: torch.Tensor):
+        def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            x = x.clone()
+            x[..., idx.to(x.device)] = value
+            return x
+
+        return hook
+
+    hooks = [(mlp_hook_name(handle, l), make(torch.tensor(sorted(set(js)), dtype=torch.long)))
+             for l, js in sorted(by_layer.items())]
+    with handle.bridge.hooks(fwd_hooks=hooks):
+        yield parsed

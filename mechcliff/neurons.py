@@ -39,7 +39,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,10 +47,13 @@ import torch
 from mechcliff.controls import layer_counts, random_controls
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
-from mechcliff.model.capture import act_name, capture
+from mechcliff.model.capture import capture
 from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 from mechcliff.stats import Rate
+# MLP neurons as intervention targets (names, checks, ablation) live in mechcliff.interventions, with the heads.
+from mechcliff.interventions import (  # noqa: F401 - re-exported: their home before
+    ablate_neurons, check_neurons, d_mlp, mlp_hook_name, neuron_label, parse_neuron)
 
 DEFAULT_M_FRACTION = 0.05
 INVALID = ("skip", "abs")
@@ -92,76 +95,6 @@ REASONING_PROMPTS: tuple[str, ...] = (
     "A farmer has 17 sheep and all but 9 run away. How many are left?",
     "Solve for x: 3x + 5 = 20.",
 )
-
-
-# --------------------------------------------------------------------------- neurons and hooks
-
-
-def mlp_hook_name(handle: ModelHandle, layer: int) -> str:
-    """The hook holding layer ``layer``'s MLP neuron activations (the input of its output projection)."""
-    name = act_name("mlp_post", layer)
-    if name not in handle.bridge.hook_dict:
-        raise MechcliffError(f"{handle.model_id} has no MLP neuron hook {name} (an architecture without an MLP?)")
-    return name
-
-
-def d_mlp(handle: ModelHandle) -> int:
-    """MLP width (neurons per layer)."""
-    return int(handle.bridge.cfg.d_mlp)
-
-
-def neuron_label(layer: int, index: int) -> str:
-    return f"L{layer}N{index}"
-
-
-def parse_neuron(label: "str | Sequence[int]") -> tuple[int, int]:
-    """``"L3N17"`` or ``(3, 17)`` -> ``(3, 17)``."""
-    if isinstance(label, str):
-        s = label.strip().upper()
-        try:
-            if not s.startswith("L") or "N" not in s:
-                raise ValueError
-            layer_s, idx_s = s[1:].split("N", 1)
-            return int(layer_s), int(idx_s)
-        except ValueError:
-            raise MechcliffError(f"cannot read neuron {label!r}: write neurons as 'L<layer>N<index>', e.g. 'L3N17'") from None
-    layer, idx = label
-    return int(layer), int(idx)
-
-
-def check_neurons(handle: ModelHandle, neurons: Sequence[Any]) -> list[tuple[int, int]]:
-    out = []
-    width = d_mlp(handle)
-    for n in neurons:
-        l, j = parse_neuron(n)
-        if not (0 <= l < handle.n_layers and 0 <= j < width):
-            raise MechcliffError(f"neuron {neuron_label(l, j)} does not exist: {handle.model_id} has {handle.n_layers} "
-                                 f"layers x {width} MLP neurons")
-        out.append((l, j))
-    return out
-
-
-@contextlib.contextmanager
-def ablate_neurons(handle: ModelHandle, neurons: Sequence[Any], value: float = 0.0) -> Iterator[list[tuple[int, int]]]:
-    """Set ``neurons`` (``(layer, index)`` or ``"L3N17"``) to ``value`` (0: zero-ablation) in every forward pass and
-    generation step inside the ``with`` block. Weights are never modified."""
-    parsed = check_neurons(handle, neurons)
-    by_layer: dict[int, list[int]] = {}
-    for l, j in parsed:
-        by_layer.setdefault(l, []).append(j)
-
-    def make(idx: torch.Tensor):
-        def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
-            x = x.clone()
-            x[..., idx.to(x.device)] = value
-            return x
-
-        return hook
-
-    hooks = [(mlp_hook_name(handle, l), make(torch.tensor(sorted(set(js)), dtype=torch.long)))
-             for l, js in sorted(by_layer.items())]
-    with handle.bridge.hooks(fwd_hooks=hooks):
-        yield parsed
 
 
 @torch.no_grad()
