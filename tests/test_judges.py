@@ -105,9 +105,10 @@ def test_probe_judge() -> None:
 
 
 def test_registry() -> None:
-    from mechcliff.judges import ClassifierJudge
+    from mechcliff.judges import ClassifierJudge, GuardJudge
 
-    assert JUDGES == {"refusal": RefusalPhraseJudge, "probe": ProbeJudge, "classifier": ClassifierJudge}
+    assert JUDGES == {"refusal": RefusalPhraseJudge, "probe": ProbeJudge, "classifier": ClassifierJudge,
+                      "guard": GuardJudge}
     assert isinstance(get_judge("refusal"), RefusalPhraseJudge)
     probe = get_judge("probe", score_fn=lambda p, t, r: [1.0] * len(p), threshold=0.7)
     assert isinstance(probe, ProbeJudge) and probe.threshold == 0.7
@@ -156,3 +157,12 @@ def test_rate_by_category() -> None:
     assert rate_by_category([], []) == {}
     with pytest.raises(MechcliffError, match="2 flags but 1 categories"):
         rate_by_category([True, False], ["a"])
+
+
+def test_guard_judge_registered_and_needs_prompts(monkeypatch) -> None:
+    from mechcliff.judges import GuardJudge
+
+    assert JUDGES["guard"] is GuardJudge and GuardJudge.needs_prompts
+    monkeypatch.delenv("MECHCLIFF_GUARD", raising=False)
+    with pytest.raises(MechcliffError, match="--judge-model DIR"):
+        get_judge("guard")

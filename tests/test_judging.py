@@ -278,7 +278,7 @@ def test_judge_list_prints_each_description_whole(capsys):
     """Issue 16 item 28: the probe line was cut off mid-sentence (only the docstring's first line)."""
     assert main(["judge", "--judge", "list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["refusal", "probe", "classifier"]
+    assert [line.split()[0] for line in lines] == ["refusal", "probe", "classifier", "guard"]
     assert all(line.rstrip().endswith((".", ")")) for line in lines), lines
     probe = next(line for line in lines if line.startswith("probe"))
     assert "score_fn" in probe and "--probe PROBE_DIR" in probe and "``" not in probe

@@ -22,11 +22,16 @@ def add_parsers(sub: Any) -> None:
     j.add_argument("--input", help="JSONL rollouts with 'prompt' and 'response' (and 'thinking' if present)")
     j.add_argument("--judge", default="refusal",
                    help="judge name, or 'list' to list them: refusal (phrase list on the answer), probe (needs "
-                   "--model and --probe), classifier (needs --classifier)")
+                   "--model and --probe), classifier (needs --classifier), guard (needs --judge-model)")
     j.add_argument("--out", help="verdicts file (JSONL) to write or resume")
     j.add_argument("--model", help="for --judge probe: the model the probe was trained on")
     j.add_argument("--probe", help="for --judge probe: a saved probe folder (e.g. RUN/probe)")
     j.add_argument("--classifier", help="for --judge classifier: a local HF sequence-classification model folder")
+    j.add_argument("--judge-model", metavar="DIR",
+                   help="for --judge guard: a local Llama Guard 3 / 4 or HarmBench classifier folder (no model hub)")
+    j.add_argument("--guard-format", choices=("auto", "llama-guard", "harmbench"), default="auto",
+                   help="for --judge guard: the guard's prompt and verdict format (auto: harmbench when the folder's "
+                   "name says so, else llama-guard)")
     j.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = sub.add_parser("agree", help="agreement between two verdict files (raw agreement, Cohen's kappa)",
                        description="Compare two verdict files written by 'mechcliff judge' on the same input.")
@@ -39,7 +44,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from mechcliff.judges import JUDGES, get_judge
 
     if args.judge == "list":
-        needs = {"probe": " Needs --model MODEL --probe PROBE_DIR.", "classifier": " Needs --classifier FOLDER."}
+        needs = {"probe": " Needs --model MODEL --probe PROBE_DIR.", "classifier": " Needs --classifier FOLDER.",
+                 "guard": " Needs --judge-model DIR."}
         for name, cls in JUDGES.items():
             first = (cls.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph, whole
             print(f"{name:12s} {' '.join(first.replace('``', '').split())}{needs.get(name, '')}")
@@ -59,6 +65,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         judge = probe_judge(handle, LinearProbe.load(args.probe, handle))
     elif args.judge == "classifier":
         judge = get_judge("classifier", path=args.classifier)
+    elif args.judge == "guard":
+        judge = get_judge("guard", path=args.judge_model, fmt=args.guard_format)
     else:
         judge = get_judge(args.judge)
     from mechcliff.judging import judge_file
