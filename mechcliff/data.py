@@ -120,6 +120,7 @@ class Rollout:
         (``[open_tag, close_tag]``), else at ``<think>`` / ``</think>``."""
         if not isinstance(d, dict):
             raise MechcliffError(f"expected a JSON object for a rollout, got {type(d).__name__}")
+        d = _rollout_aliases(d)
         for req in ("prompt", "response"):
             if req not in d:
                 raise MechcliffError(f"rollout is missing the {req!r} field")
@@ -161,6 +162,30 @@ class Rollout:
             has_think_close=has_close,
             meta={**meta, **extra},
         )
+
+
+#: Other names of a rollout's fields, accepted by :meth:`Rollout.from_dict` when the field itself is absent (in order
+#: of preference): ``{prompt, thinking, answer}`` and OpenAI-style ``reasoning`` / ``reasoning_content`` records.
+ROLLOUT_ALIASES: dict[str, tuple[str, ...]] = {"response": ("answer",), "thinking": ("reasoning_content", "reasoning")}
+
+
+def _rollout_aliases(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with an absent field taken from its first present alias (see :data:`ROLLOUT_ALIASES`); the alias key
+    is consumed (so it does not also land in ``meta``), other aliases stay as extra fields."""
+    out = d
+    for name, aliases in ROLLOUT_ALIASES.items():
+        if name in out:
+            continue
+        alias = next((a for a in aliases if a in out), None)
+        if alias is None:
+            continue
+        value = out[alias]
+        if name == "response" and not isinstance(value, str):
+            raise MechcliffError(f"rollout field {alias!r} must be a string, got {type(value).__name__}")
+        if name == "thinking" and value is not None and not isinstance(value, str):
+            raise MechcliffError(f"rollout field {alias!r} must be a string or null, got {type(value).__name__}")
+        out = {**{k: v for k, v in out.items() if k != alias}, name: value}
+    return out
 
 
 # --------------------------------------------------------------------------- thinking split
@@ -270,12 +295,15 @@ def _json_element_lines(text: str) -> list[int]:
     try:
         i = text.index("[") + 1
         n = len(text)
+        seen, line = 0, 1  # lines counted up to offset `seen` (incrementally: linear in the file's size)
         while True:
             while i < n and text[i] in " \t\r\n,":
                 i += 1
             if i >= n or text[i] == "]":
                 return lines
-            lines.append(_line_of(text, i))
+            line += text.count("\n", seen, i)
+            seen = i
+            lines.append(line)
             _, i = dec.raw_decode(text, i)
     except (ValueError, IndexError):
         return lines
@@ -468,6 +496,9 @@ def load_prompts(
 def load_rollouts(path: str | os.PathLike[str], *, think: Any = None) -> list[Rollout]:
     """Load rollouts from JSONL (``prompt``, ``response``; optional ``thinking``, ``category``,
     ``label``, ``group``, ``id``, ``has_think_close``, ``meta``). A JSON list is also accepted.
+    ``answer`` is accepted for ``response`` and ``reasoning_content`` / ``reasoning`` for ``thinking``
+    (:data:`ROLLOUT_ALIASES`); other formats (vLLM, OpenAI chat completions, Hugging Face datasets, STAR-1)
+    are read by :func:`mechcliff.rollout_import.import_rollouts`.
     Raw generations are split at ``think``'s tags (see :meth:`Rollout.from_dict`).
     Raises MechcliffError naming the file and line."""
     p = Path(path)
