@@ -48,7 +48,10 @@ def refusal_flags(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None)
     if isinstance(judge, ProbeJudge):
         return list(judge.judge_many([r.prompt for r in rollouts], [r.thinking for r in rollouts],
                                      [r.response for r in rollouts]))
-    return list(judge.judge_many([final_answer(r.response, *answer_tags(r, think)) for r in rollouts]))
+    answers = [final_answer(r.response, *answer_tags(r, think)) for r in rollouts]
+    if getattr(judge, "needs_prompts", False):  # a guard model reads the request with the answer
+        return list(judge.judge_many(answers, prompts=[r.prompt for r in rollouts]))
+    return list(judge.judge_many(answers))
 
 
 def asr_of(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None) -> dict[str, Any]:
@@ -95,6 +98,10 @@ class AblationResult(Result):
     harmless_refusal_after: dict[str, Any]
     probe_asr_before: float | None = None
     probe_asr_after: float | None = None
+    ablation_path: str = "hooked"
+    """How the ablated rollouts were generated: "folded" (the intervention folded into a copy's weights, plain HF
+    generate) or "hooked" (hooks on the model); ``ablation_path_reason`` says why (mechcliff.folding)."""
+    ablation_path_reason: str = ""
 
     @property
     def mode_label(self) -> str:
@@ -133,7 +140,8 @@ class AblationResult(Result):
     def summary_rows(self) -> list[tuple[str, str]]:
         return [("heads", ", ".join(self.heads)), ("mode", self.mode_label),
                 ("ASR before", f"{self.asr_before['rate']:.3f}"), ("ASR after", f"{self.asr_after['rate']:.3f}"),
-                ("ASR random heads (mean)", f"{self.asr_random_mean:.3f}")]
+                ("ASR random heads (mean)", f"{self.asr_random_mean:.3f}"),
+                ("ablated generation", self.ablation_path)]
 
 
 def random_head_sets(handle: ModelHandle, k: int, n_sets: int, seed: int, exclude: Sequence[Any] = ()) -> list[list[tuple[int, int]]]:
@@ -156,6 +164,7 @@ def ablation_experiment(
     probe: Any = None,
     generation: dict[str, Any] | None = None,
     progress: bool = True,
+    fold: bool = True,
 ) -> AblationResult:
     """Generate under the intervention and under random same-size controls; judge the answers. ``gamma=None`` is
     the mode's default (see :func:`~mechcliff.interventions.check_gamma`: a gamma the mode would ignore is an
@@ -176,7 +185,12 @@ def ablation_experiment(
             probe's position is below 0.5, :func:`probe_judge`) before and after.
         generation: keyword arguments for :func:`mechcliff.generation.generate_rollouts` (budgets, ...).
         progress: show progress bars.
+        fold: generate under the intervention with a copy of the model that has it folded into its weights
+            (plain HF ``generate``, no hooks; :mod:`mechcliff.folding`) when it can be folded (every head mode
+            but ``norm_preserving``, and ``scale_q`` on architectures without a query norm); False: always the
+            hooked model. ``ablation_path`` / ``ablation_path_reason`` of the result record which ran and why.
     """
+    from mechcliff.folding import ablated_generation
     from mechcliff.generation import generate_rollouts
 
     from mechcliff.errors import MechcliffError
@@ -199,16 +213,19 @@ def ablation_experiment(
     probe_before = probe_after = None
     if pj is not None:  # the probe reads the unmodified model before, and the intervened model after
         probe_before = 1.0 - float(np.mean(refusal_flags(before[0], pj)))
-    with intervene(handle, parsed, mode=mode, gamma=gamma):
-        att_after = generate_rollouts(handle, list(attack_prompts), desc="attack, ablated", **gen)
-        harmless_after = generate_rollouts(handle, list(harmless_prompts), desc="harmless, ablated", **gen)
-        if pj is not None:
+    # Generation under the intervention: a folded copy (plain HF generate) when the intervention folds into the
+    # weights, else the hooked model (mechcliff.folding.ablated_generation); the same rollouts up to float noise.
+    with ablated_generation(handle, parsed, mode=mode, gamma=gamma, use_fold=fold) as (gen_handle, path):
+        att_after = generate_rollouts(gen_handle, list(attack_prompts), desc="attack, ablated", **gen)
+        harmless_after = generate_rollouts(gen_handle, list(harmless_prompts), desc="harmless, ablated", **gen)
+    if pj is not None:  # the probe reads activations: through the hooked model, whichever path generated
+        with intervene(handle, parsed, mode=mode, gamma=gamma):
             probe_after = 1.0 - float(np.mean(refusal_flags(att_after, pj)))
     sets = random_head_sets(handle, len(parsed), n_random, seed, exclude=parsed)
     random_rates = []
-    for i, hs in enumerate(sets):
-        with intervene(handle, hs, mode=mode, gamma=gamma):
-            rolls = generate_rollouts(handle, list(attack_prompts), desc=f"attack, random set {i}", **gen)
+    for i, hs in enumerate(sets):  # one folded copy per head set (its touched matrices only), freed after
+        with ablated_generation(handle, hs, mode=mode, gamma=gamma, use_fold=fold) as (gen_handle, _):
+            rolls = generate_rollouts(gen_handle, list(attack_prompts), desc=f"attack, random set {i}", **gen)
         random_rates.append(asr_of(rolls, judge, think=handle))
     judge_name = getattr(judge, "name", "judge")
     return AblationResult(
@@ -220,4 +237,5 @@ def ablation_experiment(
         harmless_refusal_after=Rate.of(sum(refusal_flags(harmless_after, judge, think=handle)),
                                        len(harmless_after)).to_dict(),
         probe_asr_before=probe_before, probe_asr_after=probe_after,
+        ablation_path=path["path"], ablation_path_reason=path["reason"],
     )
