@@ -24,7 +24,7 @@ import torch
 
 from mechcliff.chat import EncodedBatch
 from mechcliff.head_scores import PerHeadScores, head_label, rank_heads
-from mechcliff.model.capture import act_name, capture
+from mechcliff.model.capture import MAX_TOKENS, act_name, capture
 from mechcliff.results import Result
 
 if TYPE_CHECKING:
@@ -44,9 +44,24 @@ class HeadAttribution(PerHeadScores, Result):
     probe_bias: float
     probe_layer: int
     positions: list[int]
+    # True only when the components sum to the logit to float32 accumulation: a pre-norm architecture (no norms
+    # after the attention) *and* float32 weights. In bfloat16 / float16 the decomposition is still the right one,
+    # but every activation it sums was rounded in the forward (a residual of ~1e-2 on logits of a few units)
     exact: bool = True
     model_id: str = ""
     groups: list[str] = dataclasses.field(default_factory=list)
+    dtype: str = "float32"  # the model's weights (results from before dtypes: float32)
+    decomposition_exact: bool = True  # the architecture's decomposition is exact (no post-attention norms)
+    max_residual: float | None = None  # max |sum of components - logit| measured when the result was made
+
+    @property
+    def exactness(self) -> str:
+        """What the sum of the components is worth, in words."""
+        if not self.decomposition_exact:
+            return "not exact: post-attention norms (a linearised attribution)"
+        if self.exact:
+            return "exact to float32 accumulation"
+        return f"exact decomposition of {self.dtype} activations: sums to the logit within {self.max_abs_error:.1e}"
 
     @property
     def total(self) -> np.ndarray:
@@ -87,13 +102,14 @@ class HeadAttribution(PerHeadScores, Result):
     def summary_rows(self) -> list[tuple[str, str]]:
         return [("examples", str(self.per_example.shape[0])), ("probe layer", str(self.probe_layer)),
                 ("top suppression heads", ", ".join(self.top(5))), ("exact", str(self.exact)),
+                ("exactness", self.exactness), ("dtype", self.dtype),
                 ("max |sum - logit|", f"{self.max_abs_error:.2e}")]
 
 
 @torch.no_grad()
 def direct_probe_attribution(
     handle: ModelHandle, batch: EncodedBatch, probe: Any, *, position: Any = "think_end", batch_size: int = 16,
-    groups: list[str] | None = None,
+    groups: list[str] | None = None, max_tokens: int | None = MAX_TOKENS,
 ) -> HeadAttribution:
     """DPA of every head (and embedding / MLP / bias terms) at one position per example.
 
@@ -106,7 +122,8 @@ def direct_probe_attribution(
         batch: the encoded examples (:func:`mechcliff.generation.encode_rollouts`).
         probe: the refusal probe whose logit is attributed (:func:`mechcliff.probe.fit_probe`).
         position: the token attributed in each example (above).
-        batch_size: examples per forward pass.
+        batch_size: examples per forward pass (at most).
+        max_tokens: padded tokens per forward pass (at most; rows run in chunks of similar length).
         groups: a group name per example of ``batch``, kept with the result (of the examples not dropped).
     """
     from mechcliff.errors import MechcliffError
@@ -135,22 +152,27 @@ def direct_probe_attribution(
     readers |= {act_name("mlp_out", l): project(w) for l in range(L + 1)}
     readers[act_name("resid_pre", 0)] = project(w)
     readers[probe.hook_name] = lambda x, where: (x.float() @ w.to(x.device) + probe.b).double()
-    s = 0
-    for chunk in capture(handle, batch, readers, at=pos_all, rows=keep, batch_size=batch_size):
+    row_of = {example: k for k, example in enumerate(keep)}  # chunks come in length order: place rows by example
+    for chunk in capture(handle, batch, readers, at=pos_all, rows=keep, batch_size=batch_size, max_tokens=max_tokens,
+                         pack=True):
         v = chunk.values
-        sl = slice(s, s + len(chunk.where.index))
-        s = sl.stop
+        sl = np.array([row_of[int(i)] for i in chunk.where.index])
         for l in range(L + 1):
             per_example[sl, l] = v[act_name("z", l)].numpy()
             mlp[sl, l] = v[act_name("mlp_out", l)].numpy()
         embed[sl] = v[act_name("resid_pre", 0)].numpy()
         logit[sl] = v[probe.hook_name].numpy()
-    return HeadAttribution(
+    structural = bool(handle.exact_decomposition)
+    dtype = str(getattr(handle, "dtype", torch.float32)).removeprefix("torch.")
+    result = HeadAttribution(
         per_example=per_example, mlp=mlp, embed=embed, attn_bias=np.full(n, bias), logit=logit,
         probe_bias=float(probe.b), probe_layer=L, positions=[int(pos_all[i]) for i in keep],
-        exact=bool(handle.exact_decomposition), model_id=handle.model_id,
+        exact=structural and dtype == "float32", model_id=handle.model_id,
         groups=[groups[i] for i in keep] if groups is not None else [],
+        dtype=dtype, decomposition_exact=structural,
     )
+    result.max_residual = result.max_abs_error
+    return result
 
 
 def trace_positions(trace: Any, batch: EncodedBatch, key: str = "t_cliff") -> torch.Tensor:

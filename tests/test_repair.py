@@ -293,7 +293,7 @@ def test_a_folder_of_another_experiment_is_refused(curve_copy, monkeypatch, chan
     copy, _, resume = curve_copy
     overrides = {}
     if change == "weights":
-        monkeypatch.setattr("mechcliff.model.loading.weights_fingerprint", lambda model: "0" * 16)
+        monkeypatch.setattr("mechcliff.model.loading.weights_fingerprint", lambda model, *args, **kwargs: "0" * 16)
     elif change == "prompts":
         real = mechcliff.data.builtin_prompts
 

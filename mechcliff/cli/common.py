@@ -34,6 +34,44 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="organism", help=MODEL_HELP)
 
 
+def parse_device_map(text: str) -> Any:
+    """``--device-map``: ``auto`` (or another name / a device), or a JSON object (module -> device, or device ->
+    memory budget)."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a device map is 'auto', a device or a JSON object")
+    return value
+
+
+#: The placement flags of every command that loads a model: flag -> (dest, type, help).
+PLACEMENT_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--device": ("device", str, "torch device of the model: cpu (default), cuda, cuda:1, mps ..."),
+    "--dtype": ("dtype", str, "dtype of the weights: float32 (default), bfloat16 or float16"),
+    "--device-map": ("device_map", parse_device_map, "place the model on several devices or offload it "
+                     "(accelerate): auto, or JSON: {\"model.layers.3\": \"disk\", ...} or {\"0\": \"20GiB\", "
+                     "\"cpu\": \"64GiB\"}"),
+}
+
+
+def add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype``, ``--device-map`` (those ``p`` does not have yet)."""
+    for flag, (dest, kind, text) in PLACEMENT_FLAGS.items():
+        if flag not in p._option_string_actions:
+            p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """The placement flags given on the command line, as keyword arguments of
+    :func:`mechcliff.model.loading.default_placement`."""
+    return {dest: getattr(args, dest, None) for dest, _, _ in PLACEMENT_FLAGS.values()}
+
+
 def load(spec: str, **kwargs: Any) -> Any:
     """:func:`~mechcliff.model.loading.load_model`, saying so on stderr first."""
     from mechcliff.model.loading import load_model

@@ -7,8 +7,9 @@ format, and the load-time conformance report. Analyses never touch backend detai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,44 @@ def think_format(spec: "str | ThinkFormat | Mapping[str, str]") -> ThinkFormat:
     raise MechcliffError(f"a think format is a preset name, a ThinkFormat or a dict, not {type(spec).__name__}")
 
 
+def input_device(hf_model: Any) -> torch.device:
+    """The device a forward's inputs go to: that of the input embedding's weights (for a model dispatched by
+    accelerate, the embedding's execution device, where its inputs must be), else of the first parameter."""
+    emb = None
+    try:
+        emb = hf_model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        pass
+    if emb is not None:
+        hook = getattr(emb, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    for p in hf_model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def onloaded(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, the offloaded parameters of ``module`` and its submodules (accelerate's meta device) hold
+    their values; a no-op for a model that is not offloaded."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if has_offloaded_params(m):
+                stack.enter_context(align_module_device(m))
+        yield
+
+
 @dataclass
 class ModelHandle:
     """A loaded model: bridge, HF model, tokenizer, identity and conformance."""
@@ -170,18 +209,37 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where the model's inputs go: the device of its input embedding (:func:`input_device`)."""
+        return input_device(self.hf_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (and of the bridge's ``cfg.dtype``)."""
+        return getattr(self.bridge.cfg, "dtype", None) or next(self.hf_model.parameters()).dtype
+
+    @property
+    def device_map(self) -> dict[str, str] | None:
+        """Module -> device of a model placed by ``device_map`` (accelerate), else None."""
+        dm = getattr(self.hf_model, "hf_device_map", None)
+        return {str(k): str(v) for k, v in dm.items()} if dm else None
 
     def W_O(self, layer: int) -> Float[torch.Tensor, "head d_head d_model"]:
-        """Per-head output weights of ``layer``: head ``h`` writes ``z[h] @ W_O[h]`` into the residual stream."""
-        return self.bridge.blocks[layer].attn.W_O.detach()
+        """Per-head output weights of ``layer``: head ``h`` writes ``z[h] @ W_O[h]`` into the residual stream.
+
+        On a model whose layer is offloaded (``device_map`` with ``"cpu"`` / ``"disk"`` entries), a copy read from
+        the offload storage, on the layer's execution device."""
+        attn = self.bridge.blocks[layer].attn
+        with onloaded(attn):
+            return attn.W_O.detach().clone() if self.device_map else attn.W_O.detach()
 
     def b_O(self, layer: int) -> Float[torch.Tensor, " d_model"]:
         """Output bias of ``layer``'s attention (zeros when the architecture has none)."""
-        b = getattr(self.bridge.blocks[layer].attn, "b_O", None)
-        if b is None:
-            return torch.zeros(self.d_model, device=self.device)
-        return b.detach()
+        attn = self.bridge.blocks[layer].attn
+        with onloaded(attn):
+            b = getattr(attn, "b_O", None)
+            if b is None:
+                return torch.zeros(self.d_model, device=self.device, dtype=self.dtype)
+            return b.detach().clone() if self.device_map else b.detach()
 
     def check_layer(self, layer: int) -> int:
         """Validate a layer index (negative counts from the end); raises a clear error when out of range."""
@@ -211,6 +269,9 @@ class ModelHandle:
             "d_head": self.d_head,
             "d_model": self.d_model,
             "architecture": type(self.hf_model).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "device_map": self.device_map,
             "exact_decomposition": self.exact_decomposition,
             "conformance_checked": self.conformance is not None,
             "think_format": {"preset": self.extra.get("think_format", "auto"), **self.think.to_dict()},

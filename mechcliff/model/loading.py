@@ -24,13 +24,17 @@ and runs :func:`mechcliff.model.conformance.check_conformance`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import difflib
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +58,172 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MECHCLIFF_CACHE", Path.home() / ".cache" / "mechcliff"))
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, deterministic fingerprint of the weights (names, shapes, and a sample of values of each tensor)."""
+#: Load dtypes by name (``load_model(dtype=...)``, ``--dtype``).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
+    """A torch dtype from a name of :data:`DTYPES` or a (floating) torch dtype; ``None`` is float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise MechcliffError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    raise MechcliffError(f"unknown dtype {dtype!r}; use float32 (default), bfloat16 or float16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+
+
+_PLACEMENT: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("mechcliff_placement", default={})
+
+
+@contextlib.contextmanager
+def default_placement(device: str | None = None, dtype: Any = None, device_map: Any = None) -> Iterator[None]:
+    """Inside the block, :func:`load_model` calls that do not say ``device`` / ``dtype`` / ``device_map`` use
+    these (the command line's ``--device`` / ``--dtype`` / ``--device-map`` reach every load of a command so)."""
+    token = _PLACEMENT.set({k: v for k, v in {"device": device, "dtype": dtype, "device_map": device_map}.items()
+                            if v is not None})
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+def placement_kwargs(device_map: Any, offload_folder: "str | os.PathLike[str] | None" = None) -> dict[str, Any]:
+    """The Hugging Face keyword arguments of ``device_map``: ``{}`` for None, else ``device_map`` and, as needed,
+    ``max_memory`` and ``offload_folder``.
+
+    ``device_map`` is ``"auto"`` / ``"balanced"`` / ``"sequential"`` / a device name, a dict module -> device
+    (``{"model.layers.3": "disk", ...}``), or a *max-memory* dict device -> size (``{0: "20GiB", "cpu": "60GiB"}``,
+    every value a size), which means ``"auto"`` within those budgets. A map with ``"disk"`` entries offloads to
+    ``offload_folder`` (a new temporary folder when not given).
+    """
+    if device_map is None:
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(device_map, str):
+        out["device_map"] = device_map.strip()
+    elif isinstance(device_map, dict) and device_map:
+        if all(isinstance(v, str) and _MEMORY.match(v) and not v.strip().isdigit() for v in device_map.values()):
+            out["device_map"] = "auto"
+            out["max_memory"] = {(int(k) if isinstance(k, str) and k.isdigit() else k): v
+                                 for k, v in device_map.items()}
+        else:
+            out["device_map"] = {str(k): (int(v) if isinstance(v, str) and v.isdigit() else v)
+                                 for k, v in device_map.items()}
+    else:
+        raise MechcliffError(f"device_map must be 'auto', a device, a dict module -> device or a dict device -> "
+                             f"memory, not {device_map!r}")
+    targets = out["device_map"].values() if isinstance(out["device_map"], dict) else [out["device_map"]]
+    if "disk" in {str(v) for v in targets} or "disk" in {str(k) for k in out.get("max_memory", {})}:
+        import tempfile
+
+        out["offload_folder"] = str(offload_folder) if offload_folder else tempfile.mkdtemp(prefix="mechcliff-offload-")
+    elif offload_folder:
+        out["offload_folder"] = str(offload_folder)
+    return out
+
+
+def _materialized(model: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (the state-dict entry ``name``), read from accelerate's offload storage when it is on the meta device."""
+    if t.device.type != "meta":
+        return t
+    from accelerate.utils import align_module_device
+
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    with align_module_device(module, "cpu"):
+        value = getattr(module, leaf)
+        return value.detach().to("cpu", copy=True)
+
+
+def _checkpoint_tensors(folder: Path | None) -> dict[str, Path]:
+    """Tensor name -> safetensors file of the checkpoint in ``folder`` (empty when there is none)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    from safetensors import safe_open
+
+    names: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names.update({k: file for k in f.keys()})
+        except Exception:  # noqa: BLE001 - an unreadable shard: those tensors come from the loaded model
+            continue
+    return names
+
+
+def _sample(flat: torch.Tensor) -> torch.Tensor:
+    return torch.cat([flat[:64], flat[-64:], flat[:: max(1, flat.numel() // 256)]]).float().cpu()
+
+
+def weight_samples(model: torch.nn.Module, checkpoint: Path | None = None) -> dict[int, torch.Tensor]:
+    """The values :func:`weights_fingerprint` hashes, per tensor (keyed by the tensor object's ``id``), as float32:
+    taken now, so that a later dtype cast or bridge boot (which renames the modules) does not change them. With
+    ``checkpoint`` (a folder), each tensor is read from its safetensors files (one at a time; tied weights are
+    stored once); offloaded weights (accelerate's meta device) are read from their offload storage."""
+    files = _checkpoint_tensors(checkpoint)
+    state = model.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}
+    for name, p in state.items():
+        aliases.setdefault(id(p), []).append(name)
+    from safetensors import safe_open
+
+    handles: dict[Path, Any] = {}
+    out: dict[int, torch.Tensor] = {}
+    for name, p in state.items():
+        if id(p) in out:
+            continue
+        value = None
+        for key in aliases[id(p)]:
+            if key in files:
+                if files[key] not in handles:
+                    handles[files[key]] = safe_open(str(files[key]), framework="pt")
+                stored = handles[files[key]].get_tensor(key)
+                if tuple(stored.shape) == tuple(p.shape):
+                    value = stored
+                break
+        if value is None:
+            value = _materialized(model, name, p)
+        out[id(p)] = _sample(value.detach().reshape(-1))
+    handles.clear()
+    return out
+
+
+def weights_fingerprint(model: torch.nn.Module, checkpoint: Path | None = None,
+                        samples: dict[int, torch.Tensor] | None = None) -> str:
+    """A cheap, deterministic fingerprint of the weights (names, shapes, and a sample of values of each tensor,
+    as float32).
+
+    The values are those of the weights *before any dtype cast* (``samples``, from :func:`weight_samples`), so a
+    load in bfloat16 or float16 has the fingerprint of the float32 load of the same weights, which is the
+    fingerprint of loads from before dtypes existed: :func:`load_model` samples the float32 model before casting
+    it, or the checkpoint's files when Hugging Face loaded it straight into another dtype or onto several devices.
+    """
+    samples = samples if samples is not None else weight_samples(model, checkpoint)
     h = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        flat = p.detach().reshape(-1)
+    for name, p in model.state_dict(keep_vars=True).items():
+        sample = samples.get(id(p))
+        if sample is None:
+            sample = _sample(_materialized(model, name, p).detach().reshape(-1))
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        sample = torch.cat([flat[:64], flat[-64:], flat[:: max(1, flat.numel() // 256)]]).float()
-        h.update(sample.cpu().numpy().tobytes())
+        h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -206,11 +367,13 @@ def _unknown_model(spec: str, why: str) -> MechcliffError:
     )
 
 
-def _load_hf_folder(source: str) -> tuple[Any, Any]:
-    """Model and tokenizer from a local HF folder, or from a hub id (the local cache, then the hub when online)."""
+def _load_hf_folder(source: str, dtype: torch.dtype = torch.float32, placement: dict[str, Any] | None = None
+                    ) -> tuple[Any, Any]:
+    """Model and tokenizer from a local HF folder, or from a hub id (the local cache, then the hub when online),
+    loaded by Hugging Face in ``dtype`` and placed by ``placement`` (:func:`placement_kwargs`)."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        return _load_local_folder(folder)
+        return _load_local_folder(folder, dtype, placement)
     if not _in_hub_cache(source):
         if _hub_offline():
             raise _unknown_model(source, "the hub is offline (HF_HUB_OFFLINE=1)")
@@ -220,7 +383,7 @@ def _load_hf_folder(source: str) -> tuple[Any, Any]:
 
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **(placement or {}))
     except OSError as exc:
         offline = _hub_offline() or "connect" in str(exc).lower()
         hint = (
@@ -234,7 +397,19 @@ def _load_hf_folder(source: str) -> tuple[Any, Any]:
     return hf, tok
 
 
-def _load_local_folder(folder: Path) -> tuple[Any, Any]:
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The local folder of a hub model's cached snapshot (where its safetensors files are), else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id, an unreadable cache: not cached
+        return None
+    return str(Path(config).parent) if isinstance(config, str) else None
+
+
+def _load_local_folder(folder: Path, dtype: torch.dtype = torch.float32, placement: dict[str, Any] | None = None
+                       ) -> tuple[Any, Any]:
     if not (folder / "config.json").is_file():
         raise MechcliffError(f"{folder} is not a Hugging Face model folder (no config.json)")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -249,7 +424,7 @@ def _load_local_folder(folder: Path) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         raise MechcliffError(f"cannot load the tokenizer in {folder}: {_one_line(exc)}") from None
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **(placement or {}))
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise MechcliffError(f"cannot load a Hugging Face model from folder {folder}: {_one_line(exc)}") from None
     return hf, tok
@@ -271,11 +446,18 @@ def _think_format(tokenizer: Any, name: str, think: Any = "auto") -> tuple[Think
     return think_format(think), label
 
 
-def load_hf_model(spec: str | os.PathLike[str], *, seed: int = 0, log: Any = None) -> tuple[Any, Any, str, dict[str, Any]]:
+def load_hf_model(spec: str | os.PathLike[str], *, seed: int = 0, log: Any = None, dtype: torch.dtype | None = None,
+                  placement: dict[str, Any] | None = None) -> tuple[Any, Any, str, dict[str, Any]]:
     """The plain Hugging Face model and tokenizer behind ``spec`` (no bridge): ``(hf, tokenizer, model_id, extra)``.
 
     Fine-tuning (:mod:`mechcliff.repair`) trains such a fresh copy; :func:`load_model` wraps one in a bridge.
+    By default the model is float32, in memory on the CPU. ``dtype`` / ``placement`` (:func:`placement_kwargs`)
+    are passed to ``from_pretrained`` for checkpoints (folders, converted GGUF files, hub ids), which then load
+    straight into that dtype and onto those devices, and ``extra["checkpoint"]`` names the checkpoint's folder (the
+    weights fingerprint reads it). Models built in memory (the organism, a built-in fine-tuned model) ignore them:
+    they come back in float32 on the CPU and :func:`load_model` casts and places them.
     """
+    hf_kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "placement": placement}
     _quiet_transformers()
     spec_s = os.fspath(spec)
     model_id = spec_s
@@ -292,24 +474,30 @@ def load_hf_model(spec: str | os.PathLike[str], *, seed: int = 0, log: Any = Non
                                  "or retrain it with `python -m mechcliff.learned_organism --out DIR`")
         hf, tok, _, extra = load_hf_model(base, seed=seed, log=log)
         hf = apply_adapter(hf, folder)
+        extra.pop("checkpoint", None)  # merged in memory: the fingerprint reads the merged weights
         model_id, extra["base"], extra["builtin_adapter"] = spec_s.lower(), base, str(folder)
     elif spec_s.lower() in ALIASES:
-        hf, tok = _load_hf_folder(str(convert_gguf(find_packaged_gguf(spec_s.lower()), log=log)))
-        model_id = spec_s.lower()
+        folder = convert_gguf(find_packaged_gguf(spec_s.lower()), log=log)
+        hf, tok = _load_hf_folder(str(folder), **hf_kwargs)
+        model_id, extra["checkpoint"] = spec_s.lower(), str(folder)
     elif spec_s.endswith(".gguf") or Path(spec_s).expanduser().exists() or spec_s.startswith((".", "/", "~")):
         path = Path(spec_s).expanduser()
         if not path.exists():
             raise MechcliffError(f"model path not found: {path}")
         if path.is_file() and path.suffix == ".gguf":
-            hf, tok = _load_hf_folder(str(convert_gguf(path, log=log)))
+            folder = convert_gguf(path, log=log)
+            hf, tok = _load_hf_folder(str(folder), **hf_kwargs)
+            extra["checkpoint"] = str(folder)
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise MechcliffError(f"{path} is not a Hugging Face model folder (no config.json)")
-            hf, tok = _load_hf_folder(str(path))
+            hf, tok = _load_hf_folder(str(path), **hf_kwargs)
+            extra["checkpoint"] = str(path)
         else:
             raise MechcliffError(f"{path} is neither a model folder nor a .gguf file")
     else:
-        hf, tok = _load_hf_folder(spec_s)
+        hf, tok = _load_hf_folder(spec_s, **hf_kwargs)
+        extra["checkpoint"] = _hub_snapshot(spec_s)
     if not getattr(hf.config, "architectures", None):
         hf.config.architectures = [type(hf).__name__]  # GGUF loads leave it empty; the bridge needs it
     if tok.pad_token is None:
@@ -324,7 +512,10 @@ def load_model(
     model: Any = None,
     tokenizer: Any = None,
     name: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    dtype: "str | torch.dtype | None" = None,
+    device_map: "str | dict[Any, Any] | None" = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     check: bool | None = None,
     seed: int = 0,
     verbose: bool = False,
@@ -352,7 +543,18 @@ def load_model(
         model: an already-built Hugging Face causal LM (instead of ``spec``; needs ``tokenizer``).
         tokenizer: the tokenizer of ``model``.
         name: the handle's ``model_id`` (default: the spec, or the model's ``_name_or_path``).
-        device: torch device to load onto (``"cpu"``).
+        device: torch device to load onto (default ``"cpu"``); not with ``device_map``.
+        dtype: ``"float32"`` (the default; None is it), ``"bfloat16"``, ``"float16"`` or a torch dtype: the dtype of the weights
+            and of the bridge (``bridge.cfg.dtype``). Checkpoints load straight into it; the conformance check uses
+            that dtype's tolerances (:data:`mechcliff.model.conformance.TOLERANCES`).
+        device_map: place the model on several devices, or offload part of it to the CPU or the disk, through
+            accelerate: ``"auto"``, a dict module -> device (``{"model.layers.3": "disk", ...}``, devices ``0``,
+            ``"cuda:1"``, ``"cpu"``, ``"disk"``) or a dict device -> memory budget (``{0: "20GiB", "cpu": "64GiB"}``)
+            (:func:`placement_kwargs`). Checkpoints are dispatched by ``from_pretrained``; models built in memory
+            (the organism, ``model=``, any model with an adapter) by ``accelerate.dispatch_model``. A dispatched
+            model is never moved with ``.to()``; inputs go to the device of its input embedding
+            (``handle.device``).
+        offload_folder: where ``"disk"`` entries of ``device_map`` are written (default: a new temporary folder).
         check: run the conformance check (above).
         seed: seed of the organism's construction (other models ignore it).
         verbose: log progress and the conformance summary to stderr.
@@ -365,6 +567,14 @@ def load_model(
     log = stderr_log if verbose else None
     if check is None:
         check = os.environ.get("MECHCLIFF_NO_CHECK", "") not in ("1", "true", "yes")
+    defaults = _PLACEMENT.get()
+    device = device if device is not None else defaults.get("device")
+    dt = resolve_dtype(dtype if dtype is not None else defaults.get("dtype"))
+    device_map = device_map if device_map is not None else defaults.get("device_map")
+    if device_map is not None and device not in (None, "cpu"):
+        raise MechcliffError(f"give device={device!r} or device_map, not both (a device map names the devices)")
+    placement = placement_kwargs(device_map, offload_folder)
+    samples: dict[int, torch.Tensor] | None = None
     if model is not None:
         if tokenizer is None:
             raise MechcliffError("load_model(model=...) also needs tokenizer=...")
@@ -373,13 +583,24 @@ def load_model(
     elif spec is None:
         raise MechcliffError("load_model needs a model: 'organism', a folder, a .gguf file, a hub id, or model=...")
     else:
-        hf, tok, model_id, extra = load_hf_model(spec, seed=seed, log=log)
+        # With an adapter the base loads in float32 in memory: the adapter is merged there, then cast and placed.
+        direct = adapter is None
+        hf, tok, model_id, extra = load_hf_model(spec, seed=seed, log=log, dtype=dt if direct else None,
+                                                 placement=placement if direct else None)
         model_id = name or model_id
         extra["spec"], extra["seed"] = os.fspath(spec), seed
+        checkpoint = extra.pop("checkpoint", None)
+        if direct and checkpoint is not None and (dt != torch.float32 or placement):
+            # Loaded by Hugging Face straight into dt / onto several devices: the fingerprint reads the files.
+            samples = weight_samples(hf, Path(checkpoint))
     if adapter is not None:
         hf = apply_adapter(hf, adapter)
         extra["adapter"] = str(Path(adapter))
-    hf = hf.to(device).eval()
+    if samples is None:
+        samples = weight_samples(hf)  # before the cast below: the same for every dtype
+    hf = _place(hf, dt, device or "cpu", placement).eval()
+    extra["dtype"] = dtype_name(dt)
+    extra["device_map"] = _device_map_record(hf)
     if not getattr(hf.config, "architectures", None):
         hf.config.architectures = [type(hf).__name__]
     if tok.pad_token is None:
@@ -390,12 +611,13 @@ def load_model(
         from mechcliff.model.conformance import hf_reference
 
         reference = hf_reference(hf, tok)  # before the bridge wraps the HF modules in place
-    bridge = _boot_bridge(hf, tok, model_id, device)
+    bridge = _boot_bridge(hf, tok, model_id, dt)
+    hf_hash = weights_fingerprint(hf, samples=samples)  # the bridge's module names, as before dtypes existed
     from mechcliff.model.conformance import has_post_attention_norm
 
     fmt, extra["think_format"] = _think_format(tok, model_id if spec != "organism" else "organism", think)
     handle = ModelHandle(
-        bridge=bridge, hf_model=hf, tokenizer=tok, model_id=model_id, model_hash=weights_fingerprint(hf),
+        bridge=bridge, hf_model=hf, tokenizer=tok, model_id=model_id, model_hash=hf_hash,
         think=fmt, extra=extra,
         exact_decomposition=not has_post_attention_norm(hf),  # structural; the check below refines it
     )
@@ -525,7 +747,50 @@ def _check_full_weights_fit(hf: Any, full: Path) -> None:
         )
 
 
-def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
+def _is_dispatched(hf: Any) -> bool:
+    """Whether accelerate placed ``hf`` (``device_map``): its modules carry hooks that move their inputs."""
+    return bool(getattr(hf, "hf_device_map", None))
+
+
+def _device_map_record(hf: Any) -> dict[str, str] | None:
+    """The realised device map (module -> device), for the manifest; None for a model on one device."""
+    dm = getattr(hf, "hf_device_map", None)
+    return {str(k): str(v) for k, v in dm.items()} if dm else None
+
+
+def _place(hf: Any, dtype: torch.dtype, device: str, placement: dict[str, Any]) -> Any:
+    """``hf`` in ``dtype`` on ``device``, or dispatched by ``placement``. A model that ``from_pretrained``
+    already dispatched is left where it is (``.to()`` would fail on offloaded weights and pull a multi-device
+    model onto one device)."""
+    from transformer_lens.utilities.multi_gpu import maybe_cast_floating_params
+
+    if _is_dispatched(hf):
+        maybe_cast_floating_params(hf, dtype)  # a no-op after from_pretrained(dtype=...): offload-safe
+        return hf
+    maybe_cast_floating_params(hf, dtype)  # parameters only: float32 buffers (rotary inv_freq) stay float32
+    if not placement:
+        return hf.to(device)
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = placement["device_map"]
+    if not isinstance(device_map, dict):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return hf.to(device_map)  # one device named as a map
+        device_map = infer_auto_device_map(hf, max_memory=placement.get("max_memory"), dtype=dtype,
+                                           no_split_module_classes=list(getattr(hf, "_no_split_modules", None) or []))
+    try:
+        hf = dispatch_model(hf, device_map=device_map, offload_dir=placement.get("offload_folder"))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise MechcliffError(f"cannot place the model with device_map {device_map!r}: {_one_line(exc)}") from None
+    hf.hf_device_map = dict(device_map)
+    return hf
+
+
+def _first_device(hf: Any) -> torch.device:
+    return next(hf.parameters()).device
+
+
+def _boot_bridge(hf: Any, tok: Any, label: str, dtype: torch.dtype = torch.float32) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     # TransformerLens may rebuild the tokenizer from its name to force add_bos_token=True; we never use its
@@ -535,7 +800,8 @@ def _boot_bridge(hf: Any, tok: Any, label: str, device: str) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=bridge_tok, device=device)
+            bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=bridge_tok, dtype=dtype,
+                                                         device=None if _is_dispatched(hf) else str(_first_device(hf)))
     except ValueError as exc:
         if "architecture" in str(exc).lower():
             raise MechcliffError(
