@@ -81,11 +81,23 @@ class RunConfig:
     # how the model writes its thinking: "auto" (the organism's format for the organism, <think>\n ... \n</think>\n\n
     # otherwise), a preset of mechcliff.model.handle.THINK_PRESETS, or (config files) a dict with opener and closer
     think_format: str | dict[str, str] = option("auto", stage="rollouts", types=(str, dict))
+    # where the model runs: a torch device. Not part of any stage's key (like batch_size): on one dtype, devices
+    # differ by kernel rounding only, and a run moved to another machine resumes
+    device: str = option("cpu", stage=None, types=(str,))
+    # the weights' dtype: "float32", "bfloat16" or "float16". Changes every number from the rollouts on (greedy
+    # generation can take another token), so it keys the rollouts stage
+    dtype: str = option("float32", stage="rollouts", types=(str,))
+    # accelerate device map ("auto", {module: device}, {device: memory}); offloading changes the kernels and the
+    # order of operations that run, so it keys the rollouts stage too (None: one device)
+    device_map: str | dict[str, Any] | None = option(None, stage="rollouts", types=(str, dict, NONE))
     ablation_top_k: int | None = option(None, stage="ablation", types=(int, NONE))  # None: 3% of all heads (>= 1)
     ablation_mode: str = option("scale_z", stage="ablation", types=(str,))
     ablation_gamma: float = option(0.0, stage="ablation", types=(int, float))
     n_random_sets: int = option(3, stage="ablation", types=(int,))
     quick: bool = option(False, stage="rollouts", types=(bool,))
+    # group -> a JSONL file of rollouts in mechcliff's format (written by `mechcliff import-rollouts`), used for that
+    # group instead of generating; each is judged for refusal unless it carries meta["refused"]. {} = generate
+    rollouts: dict[str, str] = option(stage="rollouts", types=(dict,), factory=dict)
 
     @classmethod
     def stage_of(cls) -> dict[str, str | None]:
@@ -102,6 +114,9 @@ class RunConfig:
         if isinstance(data.get("prompts"), dict):
             data["prompts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
                                for g, f in data["prompts"].items()}
+        if isinstance(data.get("rollouts"), dict):
+            data["rollouts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
+                                for g, f in data["rollouts"].items()}
         return cls.from_dict(data, source=str(path))
 
     @staticmethod
@@ -149,7 +164,7 @@ class RunConfig:
                 want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
                 raise MechcliffError(f"{source}: option '{name}' must be {want}, got {v!r}")
         choices = {"label_source": ("auto", "behaviour", "dataset"), "plateau": ("mean", "max"),
-                   "ablation_mode": MODES, "position": ANCHORS}
+                   "ablation_mode": MODES, "position": ANCHORS, "dtype": ("float32", "bfloat16", "float16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MechcliffError(f"{source}: option '{name}' must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -189,6 +204,11 @@ class RunConfig:
         for g, f in self.prompts.items():
             if not isinstance(f, str):
                 raise MechcliffError(f"{source}: prompts.{g} must be a file path, \"\" for the built-in set or \"heldout:GROUP\"")
+        for g, f in self.rollouts.items():
+            if not isinstance(f, str) or not f.strip():
+                raise MechcliffError(f"{source}: rollouts.{g} must be the path of a JSONL file of rollouts")
+            if g in self.prompts:
+                raise MechcliffError(f"{source}: group '{g}' is given both as prompts and as rollouts; give it once")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,8 +221,11 @@ class RunConfig:
 
     def stage_hash(self, *fields: str) -> str:
         d = self.to_dict()
-        # think_format "auto" is left out, so that runs from before the option keep their hashes (and resume)
-        return content_hash([{k: d[k] for k in sorted(fields) if not (k == "think_format" and d[k] == "auto")}])
+        # think_format "auto" and empty rollouts are left out, so that runs from before those options keep their
+        # hashes (and resume)
+        return content_hash([{k: d[k] for k in sorted(fields) if not (k == "think_format" and d[k] == "auto")
+                              and not (k == "rollouts" and not d[k])
+                              and not (k == "dtype" and d[k] == "float32") and not (k == "device_map" and d[k] is None)}])
 
 
 def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
@@ -247,6 +270,7 @@ class Run:
         self.handle: ModelHandle | None = None
         self.stages = Stages(self.dir, self.log)
         self.prompts_hash = ""
+        self._imported: dict[str, list[Any]] | None = None
         if self.dir.exists() and not self.dir.is_dir():
             raise MechcliffError(f"--out {self.dir} exists and is not a folder")
         old = self._old_manifest()
@@ -256,6 +280,21 @@ class Run:
     def _holds_results(self) -> bool:
         """Whether the folder holds anything a run computed (a finished stage or saved rollouts)."""
         return self.stages.any_done() or any((self.dir / "rollouts").glob("*.jsonl"))
+
+    def _check_imported_unused(self) -> None:
+        """Refuse to generate over rollouts ``mechcliff import-rollouts`` put in the folder for a run to use."""
+        from mechcliff.rollout_import import IMPORT_REPORT
+
+        report = self.dir / IMPORT_REPORT
+        if not report.exists() or self.stages.any_done():
+            return
+        mine = {Path(f).resolve() for f in self.cfg.rollouts.values()}
+        waiting = sorted(p.name for p in (self.dir / "rollouts").glob("*.jsonl")
+                         if p.resolve() not in mine and not p.name.endswith(".partial.jsonl"))
+        if waiting and not self.overwrite:
+            args = " ".join(f"--rollouts {Path(n).stem}={self.dir / 'rollouts' / n}" for n in waiting)
+            raise MechcliffError(f"{self.dir} holds imported rollouts ({', '.join(waiting)}; see {report}) that this run "
+                                 f"would replace by generating; pass {args}, or --overwrite to generate anyway")
 
     def _check_same_experiment(self, groups: dict[str, list[Prompt]]) -> None:
         """Refuse to put a different experiment into a folder holding another one's results (unless ``overwrite``).
@@ -317,13 +356,37 @@ class Run:
 
             self.log(f"loading model '{self.cfg.model}' ...")
             self.handle = load_model(self.cfg.model, seed=self.cfg.seed, verbose=True, adapter=self.cfg.adapter,
-                                     think=self.cfg.think_format)
+                                     think=self.cfg.think_format, dtype=self.cfg.dtype, device_map=self.cfg.device_map,
+                                     device=None if self.cfg.device_map is not None else self.cfg.device)
         return self.handle
 
     # ---- data ----
+    def imported_rollouts(self) -> dict[str, list[Any]]:
+        """The rollouts of the ``rollouts`` option, by group (at most ``n_per_group`` each; their group set to the
+        option's), read once; ``{}`` when every group is generated."""
+        if self._imported is None:
+            self._imported = {}
+            for group, path in self.cfg.rollouts.items():
+                try:
+                    rolls = load_rollouts(path)
+                except MechcliffError as exc:
+                    raise MechcliffError(f"rollouts of group '{group}': {exc} (files of other formats are read by "
+                                         "'mechcliff import-rollouts FILE --out RUN --group GROUP')") from None
+                rolls = rolls[: self.cfg.n_per_group] if self.cfg.n_per_group else rolls
+                for r in rolls:
+                    r.group = group
+                self._imported[group] = rolls
+        return self._imported
+
+    def _imported_hash(self) -> str:
+        """The content of the imported rollouts the later stages read (their texts, spans and ids; not ``meta``, which
+        the rollouts stage writes the refusal verdicts into)."""
+        return content_hash([[g, [[r.prompt, r.thinking, r.response, r.has_think_close, r.id, r.category] for r in rs]]
+                             for g, rs in self.imported_rollouts().items()])
+
     def prompt_groups(self) -> dict[str, list[Prompt]]:
         groups: dict[str, list[Prompt]] = {}
-        sources = self.cfg.prompts or {g: "" for g in BUILTIN_GROUPS}
+        sources = self.cfg.prompts or ({} if self.cfg.rollouts else {g: "" for g in BUILTIN_GROUPS})
         for group, src in sources.items():
             items = prompt_source(src, group=group)
             if self.cfg.n_per_group:
@@ -331,9 +394,14 @@ class Run:
             if not items:
                 raise MechcliffError(f"prompt group '{group}' is empty")
             groups[group] = items
+        for group, rolls in self.imported_rollouts().items():  # imported groups: their rollouts' prompts
+            groups[group] = [Prompt(text=r.prompt, category=r.category, group=group, id=r.id) for r in rolls]
+        hint = (" (import its rollouts with 'mechcliff import-rollouts FILE --out RUN --group harmless' and pass "
+                "--rollouts harmless=FILE, or name a prompt file in the config's prompts to generate it)"
+                if self.cfg.rollouts else "")
         for needed in ("harmless",):
             if needed not in groups:
-                raise MechcliffError(f"the run needs a '{needed}' prompt group; groups given: {', '.join(groups)}")
+                raise MechcliffError(f"the run needs a '{needed}' prompt group; groups given: {', '.join(groups)}{hint}")
         if not any(g in groups for g in ATTACK_GROUPS):
             raise MechcliffError(f"the run needs a 'harmful' or 'harmful_jailbreak' prompt group; got {', '.join(groups)}")
         return groups
@@ -350,6 +418,7 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         with FolderLock(self.dir, "run", log=self.log):
             groups = self.prompt_groups()
+            self._check_imported_unused()
             self._check_same_experiment(groups)
             try:
                 return self._run(groups)
@@ -370,6 +439,8 @@ class Run:
         t_start = time.time()
         judge = get_judge("refusal")
         self.prompts_hash = content_hash([[g, [p.text for p in ps]] for g, ps in groups.items()])
+        if self.cfg.rollouts:  # imported rollouts: their content, not only their prompts
+            self.prompts_hash = content_hash([self.prompts_hash, self._imported_hash()])
         self._write_manifest(groups, status="running")
 
         # 1. rollouts, resumed per group
@@ -467,8 +538,18 @@ class Run:
 
         rdir, marks = self.dir / "rollouts", self.dir / "stages" / "rollouts"
         key = self._hash("rollouts")
+        imported = self.imported_rollouts()
         for g, prompts in groups.items():
             mark, path, partial = marks / f"{g}.done", rdir / f"{g}.jsonl", rdir / f"{g}.partial.jsonl"
+            if g in imported:  # written elsewhere: judged (where no verdict came with them), not generated
+                rolls = imported[g]
+                todo = [r for r in rolls if "refused" not in r.meta]
+                for r, flag in zip(todo, judge.judge_many([r.response for r in todo])):
+                    r.meta["refused"] = bool(flag)
+                self.log(f"[rollouts] {g}: {len(rolls)} imported from {self.cfg.rollouts[g]} ({len(todo)} judged)")
+                save_rollouts(rolls, path)
+                atomic_write_text(mark, key + "\n")
+                continue
             if mark.exists() and mark.read_text().strip() == key and path.exists():
                 try:
                     if len(load_rollouts(path)) == len(prompts):

@@ -24,7 +24,7 @@ from jaxtyping import Float
 
 from mechcliff.chat import EncodedBatch
 from mechcliff.errors import MechcliffError
-from mechcliff.model.capture import act_name, capture
+from mechcliff.model.capture import MAX_TOKENS, act_name, capture
 from mechcliff.results import Result
 
 if TYPE_CHECKING:
@@ -37,17 +37,19 @@ def resid_hook(layer: int) -> str:
 
 @torch.no_grad()
 def collect_residuals(
-    handle: ModelHandle, batch: EncodedBatch, layers: Sequence[int], position: Any = "think_end", batch_size: int = 16
+    handle: ModelHandle, batch: EncodedBatch, layers: Sequence[int], position: Any = "think_end", batch_size: int = 16,
+    max_tokens: int | None = MAX_TOKENS,
 ) -> Float[np.ndarray, "example layer d_model"]:
     """Residual stream after each of ``layers`` at one position per example (NaN rows where it is missing).
 
-    Positions are gathered inside the hook, so memory stays O(batch x layers x d_model).
+    Positions are gathered inside the hook, so what is kept is O(batch x layers x d_model); rows run in chunks of
+    similar length (at most ``batch_size`` rows and ``max_tokens`` padded tokens each).
     """
     layers = [handle.check_layer(l) for l in layers]
     out = np.full((len(batch), len(layers), handle.d_model), np.nan, dtype=np.float32)
     names = [resid_hook(l) for l in layers]
     read = {n: (lambda x, where: x.float()) for n in names}
-    for chunk in capture(handle, batch, read, at=position, batch_size=batch_size):
+    for chunk in capture(handle, batch, read, at=position, batch_size=batch_size, max_tokens=max_tokens, pack=True):
         rows = chunk.where.index.numpy()
         for j, n in enumerate(names):
             out[rows, j] = chunk.values[n].numpy()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mechcliff.chat import EncodedBatch
-from mechcliff.model.capture import capture
+from mechcliff.model.capture import MAX_TOKENS, capture
 from mechcliff.results import Result
 
 if TYPE_CHECKING:
@@ -36,19 +36,22 @@ STAT_KEYS = ("plateau_max", "plateau_mean", "final", "ms", "drop", "t_cliff_rel"
 
 
 @torch.no_grad()
-def probe_scores_all_positions(handle: ModelHandle, batch: EncodedBatch, probe: Any, batch_size: int = 16) -> list[np.ndarray]:
-    """Per-example probe scores at every real token (ragged list, unpadded coordinates)."""
-    out: list[np.ndarray] = []
+def probe_scores_all_positions(handle: ModelHandle, batch: EncodedBatch, probe: Any, batch_size: int = 16,
+                               max_tokens: int | None = MAX_TOKENS) -> list[np.ndarray]:
+    """Per-example probe scores at every real token (ragged list, unpadded coordinates). Rows run in chunks of
+    similar length (at most ``batch_size`` rows and ``max_tokens`` padded tokens each)."""
+    out: list[np.ndarray | None] = [None] * len(batch)
     w = torch.as_tensor(probe.w, dtype=torch.float32)
 
     def logit(x: torch.Tensor, where: Any) -> torch.Tensor:
         return x.float() @ w.to(x.device) + probe.b
 
-    for chunk in capture(handle, batch, {probe.hook_name: logit}, batch_size=batch_size):
+    for chunk in capture(handle, batch, {probe.hook_name: logit}, batch_size=batch_size, max_tokens=max_tokens,
+                         pack=True):
         scores = torch.sigmoid(chunk.values[probe.hook_name]).numpy()
         for j, i in enumerate(chunk.where.index.tolist()):
-            out.append(scores[j, batch.pad_lengths[i]:].astype(np.float32))
-    return out
+            out[i] = scores[j, batch.pad_lengths[i] - chunk.where.offset:].astype(np.float32)
+    return [o for o in out if o is not None]
 
 
 def cliff_stats(scores: np.ndarray, thinking: tuple[int, int], think_end: int, plateau: str = "mean") -> dict[str, float]:
@@ -194,7 +197,7 @@ def _summarise(xs: np.ndarray, mat: np.ndarray) -> dict[str, np.ndarray]:
 
 def trace_refusal(
     handle: ModelHandle, batch: EncodedBatch, probe: Any, *, groups: list[str] | None = None, ids: list[str | None] | None = None,
-    plateau: str = "mean", batch_size: int = 16,
+    plateau: str = "mean", batch_size: int = 16, max_tokens: int | None = MAX_TOKENS,
 ) -> RefusalTrace:
     """Probe scores at every token of every example, with per-example cliff statistics (module docstring).
 
@@ -205,14 +208,15 @@ def trace_refusal(
         groups: a group name per example (e.g. ``"harmless"``, ``"harmful_jailbreak"``); default ``"all"``.
         ids: an id per example, kept with the trace.
         plateau: which plateau defines ``ms``: ``"mean"`` (default) or ``"max"`` of the thinking scores.
-        batch_size: examples per forward pass.
+        batch_size: examples per forward pass (at most).
+        max_tokens: padded tokens per forward pass (at most; rows run in chunks of similar length).
     """
     from mechcliff.errors import MechcliffError
 
     if plateau not in ("mean", "max"):
         raise MechcliffError(f"plateau must be 'mean' or 'max', got {plateau!r}")
     probe.check_model(handle)
-    scores = probe_scores_all_positions(handle, batch, probe, batch_size)
+    scores = probe_scores_all_positions(handle, batch, probe, batch_size, max_tokens)
     think_end = batch.position("think_end")
     stats: dict[str, list[float]] = {k: [] for k in (*STAT_KEYS, "t_cliff")}
     t_start, t_stop, t_end, a_start = [], [], [], []

@@ -89,3 +89,41 @@ def test_forward_returns_the_bridge_logits(organism, cached):
     batch, _ = cached
     ref = organism.bridge(batch.tokens, attention_mask=batch.attention_mask)
     torch.testing.assert_close(forward(organism, batch.tokens, batch.attention_mask), ref, atol=0.0, rtol=0.0)
+
+
+@pytest.mark.organism
+def test_packed_chunks_cut_their_own_padding_and_keep_the_budget(organism, organism_batch):
+    """Rows sorted by length, each chunk without the padding its rows share, at most max_tokens padded tokens; the
+    activations are the unpacked ones (to float rounding of another batch composition)."""
+    batch = organism_batch
+    name = act_name("resid_post", 1)
+    pos = batch.position("think_end")
+    ref = {}
+    for chunk in capture(organism, batch, [name], at=pos, batch_size=8):
+        ref.update({int(i): v for i, v in zip(chunk.where.index, chunk.values[name])})
+    lengths = batch.attention_mask.sum(1)
+    seen, budget = {}, 300
+    for chunk in capture(organism, batch, [name], at=pos, batch_size=8, max_tokens=budget, pack=True):
+        idx = chunk.where.index
+        width = chunk.where.attention_mask.shape[1]
+        assert width == int(lengths[chunk.where.index].max()) or chunk.where.offset == 0
+        assert chunk.where.offset == batch.tokens.shape[1] - width
+        assert len(chunk.where.attention_mask) * width <= budget or len(chunk.where.attention_mask) == 1
+        seen.update({int(i): v for i, v in zip(idx, chunk.values[name])})
+    assert sorted(seen) == sorted(ref)
+    for i in ref:
+        torch.testing.assert_close(seen[i], ref[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.organism
+def test_a_capture_never_computes_the_unembedding(organism, organism_batch):
+    calls = []
+    handle = organism.hf_model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        list(capture(organism, organism_batch[:4], [act_name("resid_post", organism.n_layers - 1),
+                                                  act_name("ln_final")]))
+        assert calls == []
+        list(capture(organism, organism_batch[:4], [act_name("z", 0)], return_logits=True))
+        assert calls == [1]
+    finally:
+        handle.remove()

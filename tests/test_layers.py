@@ -31,8 +31,10 @@ LAYERS: dict[str, str] = {
     "model.organism": "model", "model.upstream": "model", "model.capture": "model", "model.presets": "model",
     # data and encoding: prompt / rollout I/O, chat templates and token-exact spans
     "data": "data", "chat": "data",
+    "rollout_import": "data",  # rollouts written elsewhere (vLLM, OpenAI API, HF datasets, STAR-1)
     # the units analyses are made of: interventions, control sets, judges, probes, rollout generation
     "interventions": "units", "controls": "units", "judges": "units", "probe": "units", "generation": "units",
+    "folding": "units",  # interventions folded into a copy's weights (ablated generation without hooks, export)
     # analyses: one method per module; no argparse, no print
     "trace": "analyses", "attribution": "analyses", "patching": "analyses", "ships": "analyses", "asr": "analyses",
     "sweep": "analyses", "modes": "analyses", "refusal_heads": "analyses", "neurons": "analyses",

@@ -19,6 +19,7 @@ module                             commands
 :mod:`mechcliff.cli.rim`           ``compare-modes``, ``refusal-heads``, ``neurons``, ``ras`` (arXiv 2509.00544)
 :mod:`mechcliff.cli.cot`           ``safety-layers``, ``spectral`` (arXiv 2602.04856)
 :mod:`mechcliff.cli.tools`         ``patch``, ``sweep``, ``ships`` (on a finished run folder)
+:mod:`mechcliff.cli.rollouts`      ``import-rollouts`` (rollouts generated elsewhere, for ``run --rollouts``)
 =================================  ==========================================================================
 
 Nothing outside this package imports it: the command line sits on top of the library.
@@ -30,8 +31,8 @@ import argparse
 import os
 import sys
 
-from mechcliff.cli import check, cot, judge, organism, plot, repair, rim, run, tools
-from mechcliff.cli.common import Handler
+from mechcliff.cli import check, cot, export, judge, organism, plot, repair, rim, rollouts, run, tools
+from mechcliff.cli.common import Handler, add_placement_flags, placement
 from mechcliff.cli.cot import parse_layers, parse_size
 from mechcliff.cli.run import RUN_FLAGS
 from mechcliff.errors import MechcliffError
@@ -40,10 +41,10 @@ from mechcliff.fmt import fmt
 __all__ = ["main", "NO_MODEL_COMMANDS", "RUN_FLAGS", "fmt", "parse_layers", "parse_size"]
 
 #: The command modules, in the order their commands are listed by ``mechcliff --help``.
-GROUPS = (run, judge, check, repair, plot, organism, rim, cot, tools)
+GROUPS = (run, judge, check, repair, plot, organism, rim, cot, tools, export, rollouts)
 
 # Commands that never load a model (no --no-check); every other command loads one through load_model.
-NO_MODEL_COMMANDS = ("agree", "select", "plot")
+NO_MODEL_COMMANDS = ("agree", "select", "plot", "import-rollouts")
 
 
 def _version_line() -> str:
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         if name not in NO_MODEL_COMMANDS:
             command.add_argument("--no-check", action="store_true",
                                  help="load the model even if a conformance check fails (recorded in the manifest)")
+            add_placement_flags(command)  # --device, --dtype, --device-map (run has them already)
     return p
 
 
@@ -85,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     if no_check:
         os.environ["MECHCLIFF_NO_CHECK"] = "1"  # every load_model of this command skips the conformance check
     try:
-        return _commands()[args.command](args)
+        given = {k: v for k, v in placement(args).items() if v is not None}
+        if not given:
+            return _commands()[args.command](args)
+        from mechcliff.model.loading import default_placement
+
+        with default_placement(**given):  # --device / --dtype / --device-map reach every load_model of the command
+            return _commands()[args.command](args)
     except MechcliffError as exc:
         if os.environ.get("MECHCLIFF_DEBUG"):
             raise

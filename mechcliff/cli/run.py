@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mechcliff.cli.common import Handler
+from mechcliff.cli.common import PLACEMENT_FLAGS, Handler
 from mechcliff.errors import MechcliffError
 from mechcliff.fmt import fmt
 
@@ -35,7 +35,16 @@ RUN_FLAGS = {
     "--think-format": ("think_format", str, "how the model writes its thinking: auto (default), or a preset: "
                        "qwen3, qwq, deepseek-r1, phi4-reasoning, hermes4, magistral, seed-oss, organism, default "
                        "(a custom opener/closer: think_format = {opener = ..., closer = ...} in a --config file)"),
+    **PLACEMENT_FLAGS,  # --device, --dtype, --device-map
 }
+
+
+def _group_file(text: str) -> tuple[str, str]:
+    """``GROUP=FILE`` of ``--rollouts``."""
+    group, sep, path = text.partition("=")
+    if not sep or not group.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected GROUP=FILE (e.g. harmful=RUN/rollouts/harmful.jsonl), got {text!r}")
+    return group.strip(), path
 
 
 def add_parsers(sub: Any) -> None:
@@ -56,6 +65,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--n-per-group", type=int, default=None, help="use at most this many prompts per group")
     for flag, (field, kind, text) in RUN_FLAGS.items():
         r.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    r.add_argument("--rollouts", dest="rollouts", type=_group_file, action="append", default=None, metavar="GROUP=FILE",
+                   help="use these rollouts (mechcliff's JSONL, e.g. written by 'mechcliff import-rollouts') for GROUP "
+                   "instead of generating it; repeatable")
     r.add_argument("--print-config", action="store_true",
                    help="print the configuration the run would use (the model's defaults, then --config, then these "
                    "flags) as JSON, and exit")
@@ -71,9 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mechcliff.pipeline import RunConfig, default_config, run_pipeline
 
     overrides = {"model": args.model, "adapter": args.adapter, "seed": args.seed, "n_per_group": args.n_per_group,
-                 "quick": True if args.quick else None,
+                 "quick": True if args.quick else None, "rollouts": {g: str(Path(f).resolve()) for g, f in args.rollouts} if args.rollouts else None,
                  **{field: getattr(args, field) for field, _, _ in RUN_FLAGS.values()}}
     flags = {"seed": "--seed", "n_per_group": "--n-per-group", "model": "--model", "adapter": "--adapter",
+             "rollouts": "--rollouts",
              **{field: flag for flag, (field, _, _) in RUN_FLAGS.items()}}
     try:
         if args.config:

@@ -49,6 +49,10 @@ GLOBAL_SITES: dict[str, str] = {"embed": "hook_embed", "ln_final": "ln_final.hoo
 #: Sites whose position axis is the query axis of ``[batch, head, query, key]``.
 _QUERY_AXIS_SITES = ("attn.hook_pattern",)
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+#: The default memory budget of one forward pass of an analysis, in tokens (rows × the chunk's longest row): 16 rows
+#: of 1,024 tokens, or 4 of 4,096. The bridge's attention holds ``heads × T²`` scores per row and layer, so a budget in
+#: rows alone (``batch_size``) would run 16 rows of 4,096 tokens at once.
+MAX_TOKENS = 16_384
 
 
 def act_name(site: str, layer: int | None = None) -> str:
@@ -118,11 +122,13 @@ class Where:
 
     ``index``: the rows' indices in the whole batch (CPU); ``positions``: their gathered positions (padded
     coordinates, CPU) when :func:`capture` was given ``at``; ``attention_mask``: the chunk's mask (CPU, all rows
-    of the forward, not only the gathered ones)."""
+    of the forward, not only the gathered ones); ``offset``: with ``pack=True`` the chunk runs without the left
+    padding all its rows share, so column ``c`` of its activations is column ``c + offset`` of the batch."""
 
     index: Int[torch.Tensor, " rows"]
     positions: Int[torch.Tensor, " rows"] | None
     attention_mask: torch.Tensor
+    offset: int = 0  # the batch column of the chunk's column 0 (left padding common to the chunk is cut off)
 
     def mask_on(self, x: torch.Tensor) -> torch.Tensor:
         """The chunk's attention mask as booleans on ``x``'s device."""
@@ -159,6 +165,35 @@ def _to_cpu(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.cpu()
 
 
+class _AllRead(Exception):
+    """Raised by the last reader of a forward: everything asked for is read, the rest (the unembedding) is skipped."""
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(torch.long).sum(1).cpu()
+
+
+def _plan(order: torch.Tensor, lengths: torch.Tensor, batch_size: int, max_tokens: int | None, pack: bool
+          ) -> list[torch.Tensor]:
+    """Chunks of ``order``: at most ``batch_size`` rows and, with ``max_tokens``, at most that many padded tokens
+    (rows × the chunk's longest row; a row longer than the budget runs alone). ``pack`` sorts rows by length first
+    (stable), so that a chunk pays for its own longest row, not the batch's."""
+    if pack:
+        order = order[torch.sort(lengths[order], stable=True).indices]
+    chunks: list[torch.Tensor] = []
+    start = 0
+    while start < len(order):
+        end, longest = start, 0
+        while end < len(order) and end - start < batch_size:
+            longest_next = max(longest, int(lengths[order[end]]))
+            if max_tokens is not None and end > start and (end - start + 1) * longest_next > max_tokens:
+                break
+            longest, end = longest_next, end + 1
+        chunks.append(order[start:end])
+        start = end
+    return chunks
+
+
 def _auto_stop(names: Sequence[str]) -> int | None:
     try:
         return max(layer_of(n) for n in names) + 1
@@ -170,7 +205,7 @@ def capture(
     handle: ModelHandle, batch: TokenBatch, readers: Mapping[str, Reader | None] | Sequence[str], *,
     at: Any = None, rows: Sequence[int] | torch.Tensor | None = None, batch_size: int = 16,
     hooks: Sequence[tuple[str, Callable[..., Any]]] = (), stop_at_layer: int | str | None = "auto",
-    return_logits: bool = False,
+    return_logits: bool = False, max_tokens: int | None = None, pack: bool = False,
 ) -> Iterator[Chunk]:
     """Run ``batch`` through ``handle`` in chunks and yield what ``readers`` keep of each hook site.
 
@@ -180,9 +215,14 @@ def capture(
             int, or a per-example tensor of padded positions (``-1`` = missing). Rows without a position run in the
             forward but are not gathered; a chunk with none is skipped. ``None``: readers get the whole activation.
         rows: the examples to run, in order (default all), chunked ``batch_size`` at a time.
+        max_tokens: a memory budget in tokens: a chunk holds at most this many padded tokens (rows × its longest
+            row), so long sequences run in smaller chunks; ``None``: ``batch_size`` alone decides.
+        pack: sort the rows by length and cut each chunk's common left padding, so that a chunk pays for its own
+            longest row (``Where.offset``); chunks then come in length order: place results by ``where.index``.
         hooks: further forward hooks active during the capture (interventions).
         stop_at_layer: ``"auto"`` stops after the deepest block read (unless ``return_logits``); ``None`` runs the
-            whole model.
+            whole model. Without ``return_logits`` the forward also ends as soon as every site has been read, so
+            the final norm and the unembedding (``[batch, pos, vocab]`` logits) are never computed.
         return_logits: keep each chunk's output logits (``Chunk.logits``, on the model's device).
     """
     readers = {n: None for n in readers} if not isinstance(readers, Mapping) else dict(readers)
@@ -207,11 +247,20 @@ def capture(
         stop = stop_at_layer
     else:
         raise MechcliffError(f"stop_at_layer must be 'auto', None or a layer, not {stop_at_layer!r}")
-    for s in range(0, len(order), int(batch_size)):
-        idx = order[s:s + int(batch_size)]
-        mask = batch.attention_mask[idx]
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise MechcliffError(f"max_tokens must be at least 1 (or None), got {max_tokens}")
+    lengths = _lengths(batch.attention_mask)
+    for idx in _plan(order, lengths, int(batch_size), max_tokens, pack):
+        tokens, mask, offset = batch.tokens[idx], batch.attention_mask[idx], 0
+        if pack:  # cut the left padding every row of the chunk has (only where it really is padding)
+            width = int(lengths[idx].max())
+            offset = int(mask.shape[1]) - width
+            if offset > 0 and not bool(mask[:, :offset].any()):
+                tokens, mask = tokens[:, offset:], mask[:, offset:]
+            else:
+                offset = 0
         if pos_all is None:
-            where = Where(index=idx, positions=None, attention_mask=mask)
+            where = Where(index=idx, positions=None, attention_mask=mask, offset=offset)
             sel = None
         else:
             p = pos_all[idx]
@@ -219,18 +268,27 @@ def capture(
             if not bool(ok.any()):
                 continue
             sel = torch.arange(len(idx))[ok]
-            where = Where(index=idx[ok], positions=p[ok], attention_mask=mask)
+            where = Where(index=idx[ok], positions=p[ok], attention_mask=mask, offset=offset)
         store: dict[str, torch.Tensor] = {}
+        early = not return_logits
 
         def make(name: str, reader: Reader | None) -> Callable[..., None]:
             def hook(x: torch.Tensor, hook: Any) -> None:
-                act = x if sel is None or where.positions is None else _gather(x, name, sel, where.positions)
+                act = x
+                if sel is not None and where.positions is not None:
+                    act = _gather(x, name, sel, where.positions - where.offset)
                 store[name] = _to_cpu((reader or _keep)(act, where), x)
+                if early and len(store) == len(readers):
+                    raise _AllRead
 
             return hook
 
-        out = forward(handle, batch.tokens[idx], mask, hooks=[*hooks, *((n, make(n, r)) for n, r in readers.items())],
-                      stop_at_layer=stop, return_type="logits" if return_logits else None)
+        out = None
+        try:
+            out = forward(handle, tokens, mask, hooks=[*hooks, *((n, make(n, r)) for n, r in readers.items())],
+                          stop_at_layer=stop, return_type="logits" if return_logits else None)
+        except _AllRead:
+            pass
         missing = [n for n in readers if n not in store]
         if missing:
             raise MechcliffError(f"hook(s) {', '.join(missing)} did not fire on {handle.model_id}")
