@@ -40,26 +40,35 @@ from mechcliff.chat import EncodedBatch, encode
 from mechcliff.data import Prompt, Rollout, content_hash
 from mechcliff.errors import MechcliffError
 from mechcliff.interventions import head_label, intervene, parse_head
-from mechcliff.model.capture import capture, forward
+from mechcliff.model.capture import MAX_TOKENS, capture, forward
 from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 
 
 @torch.no_grad()
-def continuation_loss(handle: ModelHandle, batch: EncodedBatch, batch_size: int = 16) -> float:
-    """Mean cross-entropy (nats/token) of the tokens after the generation prompt (thinking, closing, answer)."""
+def continuation_loss(handle: ModelHandle, batch: EncodedBatch, batch_size: int = 16,
+                      max_tokens: int | None = MAX_TOKENS, positions_per_step: int = 1024) -> float:
+    """Mean cross-entropy (nats/token) of the tokens after the generation prompt (thinking, closing, answer).
+
+    Only the target tokens' log-probabilities are formed, ``positions_per_step`` positions at a time, in float64
+    (``x_t - logsumexp(x)``): never a float64 copy of the ``[batch, pos, vocab]`` logits."""
     total, count = 0.0, 0
-    for chunk in capture(handle, batch, {}, batch_size=batch_size, return_logits=True):
+    for chunk in capture(handle, batch, {}, batch_size=batch_size, max_tokens=max_tokens, return_logits=True):
         idx, logits = chunk.where.index, chunk.logits
         assert logits is not None  # return_logits=True
         toks, mask = batch.tokens[idx], chunk.where.attention_mask
-        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, toks[:, 1:, None].to(logits.device))[..., 0]
         keep = torch.zeros_like(toks, dtype=torch.bool)
         for j, i in enumerate(idx.tolist()):
             keep[j, batch.spans[i]["prefix"][1]:] = True
-        keep = keep[:, 1:] & mask[:, 1:].bool()
-        total -= float(lp[keep.to(lp.device)].sum())
-        count += int(keep.sum())
+        keep = keep[:, 1:] & mask[:, 1:].bool()  # position t predicts token t + 1
+        for j in range(len(idx)):
+            where = keep[j].nonzero().flatten()
+            for s in range(0, len(where), positions_per_step):
+                p = where[s:s + positions_per_step].to(logits.device)
+                x = logits[j, p].double()  # [positions, vocab]
+                target = x.gather(-1, toks[j, 1:].to(logits.device)[p][:, None])[:, 0]
+                total -= float((target - torch.logsumexp(x, -1)).sum())
+            count += len(where)
     if count == 0:
         raise MechcliffError("no continuation tokens to score (harmless rollouts without thinking or answers)")
     return total / count

@@ -162,3 +162,26 @@ def test_zero_mode_makes_one_cell_per_k_whatever_the_gammas_and_mean_is_refused_
     with pytest.raises(MechcliffError, match="does not run mode 'mean'"):
         ablation_sweep(organism, ["L1H3"], attack, harmless, judge=get_judge("refusal"), ks=(1,), modes=("mean",),
                        progress=False)
+
+
+def test_continuation_loss_equals_the_full_log_softmax_reference(organism, organism_batch):
+    """Only the target tokens' log-probs are formed, a few positions at a time: the same loss as the float64
+    log-softmax of the whole [batch, pos, vocab] logits."""
+    import torch
+
+    from mechcliff.model.capture import forward
+
+    batch = organism_batch[:20]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        logits = forward(organism, batch.tokens, batch.attention_mask)
+    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    keep = torch.zeros_like(batch.tokens, dtype=torch.bool)
+    for j in range(len(batch)):
+        keep[j, batch.spans[j]["prefix"][1]:] = True
+    keep = keep[:, 1:] & batch.attention_mask[:, 1:].bool()
+    total, count = -float(lp[keep].sum()), int(keep.sum())
+    want = total / count
+    for kw in ({}, {"batch_size": 3, "positions_per_step": 2}, {"max_tokens": 50}):
+        # other chunks change float32 rounding of the logits only (exactly nothing on the organism)
+        assert abs(continuation_loss(organism, batch, **kw) - want) <= 1e-6 * abs(want) + 1e-12
