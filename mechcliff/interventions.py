@@ -36,7 +36,7 @@ import torch
 
 from mechcliff.errors import MechcliffError
 from mechcliff.head_scores import head_label
-from mechcliff.model.capture import act_name, capture
+from mechcliff.model.capture import MAX_TOKENS, act_name, capture
 
 if TYPE_CHECKING:
     from mechcliff.model.handle import ModelHandle
@@ -216,7 +216,8 @@ def mean_head_outputs(handle: ModelHandle, batch: Any, batch_size: int = 16) -> 
         return z[where.mask_on(z)].double().sum(0)
 
     names = [act_name("z", l) for l in range(handle.n_layers)]
-    for chunk in capture(handle, batch, {n: summed for n in names}, batch_size=batch_size):
+    for chunk in capture(handle, batch, {n: summed for n in names}, batch_size=batch_size,
+                         max_tokens=MAX_TOKENS):
         for layer, n in enumerate(names):
             total[layer] += chunk.values[n]
         count += int(chunk.where.attention_mask.bool().sum())

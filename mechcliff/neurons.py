@@ -47,7 +47,7 @@ import torch
 from mechcliff.controls import layer_counts, random_controls
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
-from mechcliff.model.capture import capture
+from mechcliff.model.capture import MAX_TOKENS, capture
 from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 from mechcliff.stats import Rate
@@ -121,7 +121,7 @@ def maxpooled_activations(handle: ModelHandle, batch: Any, *, span: str = "all",
         m = pooled[where.index].to(x.device)[..., None]
         return x.float().masked_fill(~m, float("-inf")).amax(1)
 
-    for chunk in capture(handle, batch, {nm: read for nm in names}, batch_size=batch_size):
+    for chunk in capture(handle, batch, {nm: read for nm in names}, batch_size=batch_size, max_tokens=MAX_TOKENS):
         rows = chunk.where.index.numpy()
         for l, nm in enumerate(names):
             out[rows, l] = chunk.values[nm].numpy()

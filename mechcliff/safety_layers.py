@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from mechcliff.errors import MechcliffError
-from mechcliff.model.capture import act_name, capture
+from mechcliff.model.capture import MAX_TOKENS, act_name, capture
 from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 
@@ -267,7 +267,7 @@ def last_token_states(
     names += [act_name("ln_final")] if final_norm else []  # read as layer L - 1
     read = {n: (lambda x, where: x.double()) for n in names}
     with torch.no_grad():
-        for chunk in capture(handle, batch, read, at=pos_all, batch_size=batch_size):
+        for chunk in capture(handle, batch, read, at=pos_all, batch_size=batch_size, max_tokens=MAX_TOKENS):
             rows = chunk.where.index.numpy()
             for l, n in enumerate(names):
                 out[rows, l] = chunk.values[n].numpy()

@@ -127,3 +127,17 @@ def test_a_capture_never_computes_the_unembedding(organism, organism_batch):
         assert calls == [1]
     finally:
         handle.remove()
+
+
+@pytest.mark.unit
+def test_chunk_plans_keep_the_order_unless_packing_and_respect_the_budget():
+    from mechcliff.model.capture import _plan
+
+    order, lengths = torch.arange(6), torch.tensor([5, 1, 4, 9, 2, 3])
+    chunks = _plan(order, lengths, batch_size=4, max_tokens=10, pack=False)
+    assert torch.cat(chunks).tolist() == [0, 1, 2, 3, 4, 5]  # the caller's order
+    for c in chunks:  # rows x longest row within the budget, or a lone row longer than it
+        assert len(c) * int(lengths[c].max()) <= 10 or len(c) == 1
+    packed = _plan(order, lengths, batch_size=4, max_tokens=10, pack=True)
+    assert torch.cat(packed).tolist() == [1, 4, 5, 2, 0, 3]  # by length, stable
+    assert [len(c) for c in _plan(order, lengths, batch_size=4, max_tokens=None, pack=False)] == [4, 2]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mechcliff.errors import MechcliffError
-from mechcliff.model.capture import Reader, Where, act_name, capture
+from mechcliff.model.capture import MAX_TOKENS, Reader, Where, act_name, capture
 from mechcliff.results import Result
 from mechcliff.spectral.kernels import (
     PI_ITERS,
@@ -424,7 +424,8 @@ def attention_blocks(
     read = _block_reader(batch, pos_all, size)
     out: list[torch.Tensor] = []
     with torch.no_grad():
-        for chunk in capture(handle, batch, {n: read for n in names}, batch_size=batch_size):
+        for chunk in capture(handle, batch, {n: read for n in names}, batch_size=batch_size,
+                             max_tokens=MAX_TOKENS):
             for j, i in enumerate(chunk.where.index.tolist()):
                 n_i = int(size) if size is not None else int(pos_all[i]) + 1 - batch.pad_lengths[i]
                 out.append(torch.stack([chunk.values[n][j, :, :n_i, :n_i] for n in names]))
