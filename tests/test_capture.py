@@ -64,12 +64,13 @@ def test_capture_rows_readers_and_whole_activations(organism, cached):
     batch, ref = cached
     name = act_name("resid_post", 1)
     w = torch.randn(organism.d_model)
-    chunks = list(capture(organism, batch, {name: lambda x, where: x.float() @ w}, rows=[7, 1, 4], batch_size=2))
+    chunks = list(capture(organism, batch, {name: lambda x, where: x.float() @ w}, rows=[7, 1, 4], batch_size=2,
+                          path="bridge"))
     assert [c.where.index.tolist() for c in chunks] == [[7, 1], [4]]
     out = torch.cat([c.values[name] for c in chunks])
     torch.testing.assert_close(out, ref[name][[7, 1, 4]].float() @ w, atol=1e-4, rtol=1e-5)
     # a reader that returns the activation itself gets a copy, never a view of the model's tensor
-    (chunk,) = capture(organism, batch, [name], batch_size=len(batch))
+    (chunk,) = capture(organism, batch, [name], batch_size=len(batch), path="bridge")
     torch.testing.assert_close(chunk.values[name], ref[name], atol=0.0, rtol=0.0)
 
 

@@ -57,7 +57,7 @@ def test_unbroken_model_passes_every_check(sabotaged):
     h = sabotaged(lambda bridge, hf: None)
     names = [c.name for c in h.conformance.checks]
     assert names == ["hook_shapes", "heads_sum_to_attn_out", "residual_additivity", "logits_vs_hf", "padded_vs_single",
-                     "cached_continuation", "generation_vs_hf", "hooks_fire", "nested_hooks"]
+                     "cached_continuation", "generation_vs_hf", "hooks_fire", "plain_reads", "nested_hooks"]
     assert h.conformance.passed and not h.conformance.failed, h.conformance.summary()
     assert h.conformance.to_dict()["passed"] is True and h.describe()["conformance_checked"] is True
 

@@ -29,6 +29,7 @@ LAYERS: dict[str, str] = {
     # model: handle, loading, presets, organism, conformance, hook sites and the one capture function
     "model": "model", "model.handle": "model", "model.loading": "model", "model.conformance": "model",
     "model.organism": "model", "model.upstream": "model", "model.capture": "model", "model.presets": "model",
+    "model.sites": "model", "model.plain": "model",
     # data and encoding: prompt / rollout I/O, chat templates and token-exact spans
     "data": "data", "chat": "data",
     "rollout_import": "data",  # rollouts written elsewhere (vLLM, OpenAI API, HF datasets, STAR-1)

@@ -8,7 +8,10 @@
 * :func:`capture` is the batched capture loop of every analysis: it chunks the examples, moves each chunk's tokens
   and mask to the model's device (through :func:`forward`), gathers per-example positions inside the hook (so
   memory stays ``O(batch × d)`` per site, not ``O(batch × pos × d)``), applies each site's reader on the
-  activation's own device, and brings what the readers return back to the CPU.
+  activation's own device, and brings what the readers return back to the CPU. It reads on the plain Hugging Face
+  model (:mod:`mechcliff.model.plain`, the model's own sdpa / flash attention) wherever the load-time check
+  verified that path gives the bridge's activations, and through the bridge otherwise (attention patterns,
+  queries, logits).
 
 Readers are ``reader(activation, where) -> tensor``: ``activation`` is the hook's tensor, already gathered at
 ``where.positions`` when ``at`` is given (``[rows, ...]``; attention patterns are gathered on their query axis), and
@@ -19,63 +22,31 @@ upcast (``x.float() @ w``, ``.double()``): the capture never changes a dtype.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import torch
 from jaxtyping import Int
 
 from mechcliff.errors import MechcliffError
+from mechcliff.model.sites import _QUERY_AXIS_SITES, GLOBAL_SITES, SITES, act_name, layer_of
+
+__all__ = ["GLOBAL_SITES", "MAX_TOKENS", "SITES", "Chunk", "Where", "act_name", "capture", "forward", "layer_of",
+           "to_device"]
 
 if TYPE_CHECKING:
     from mechcliff.model.handle import ModelHandle
 
-#: Per-layer hook sites, by short name (TransformerBridge names): the ones mechcliff reads or writes, each checked
-#: to fire on every supported architecture (tests/test_upstream_regressions.py). Add a site here and there together.
-SITES: dict[str, str] = {
-    "resid_pre": "hook_resid_pre",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "mlp_post": "mlp.hook_post",  # MLP neuron activations: the input of the down projection
-    "z": "attn.hook_z",  # per-head attention outputs before W_O: the o_proj input
-    "q": "attn.hook_q",
-    "rot_q": "attn.hook_rot_q",  # queries after rotary (and after Qwen3 / Gemma3 query norms)
-    "pattern": "attn.hook_pattern",
-}
-#: Hook sites outside the blocks.
-GLOBAL_SITES: dict[str, str] = {"embed": "hook_embed", "ln_final": "ln_final.hook_out"}
-#: Sites whose position axis is the query axis of ``[batch, head, query, key]``.
-_QUERY_AXIS_SITES = ("attn.hook_pattern",)
-_LAYER = re.compile(r"^blocks\.(\d+)\.")
 #: The default memory budget of one forward pass of an analysis, in tokens (rows × the chunk's longest row): 16 rows
 #: of 1,024 tokens, or 4 of 4,096. The bridge's attention holds ``heads × T²`` scores per row and layer, so a budget in
 #: rows alone (``batch_size``) would run 16 rows of 4,096 tokens at once.
 MAX_TOKENS = 16_384
 
 
-def act_name(site: str, layer: int | None = None) -> str:
-    """The hook name of ``site`` (a key of :data:`SITES` or :data:`GLOBAL_SITES`) at ``layer``."""
-    if site in GLOBAL_SITES:
-        if layer is not None:
-            raise MechcliffError(f"hook site {site!r} has no layer (got layer={layer})")
-        return GLOBAL_SITES[site]
-    if site not in SITES:
-        raise MechcliffError(f"unknown hook site {site!r}; use one of {', '.join([*SITES, *GLOBAL_SITES])}")
-    if layer is None or int(layer) < 0:
-        raise MechcliffError(f"hook site {site!r} needs a layer >= 0 (got {layer})")
-    return f"blocks.{int(layer)}.{SITES[site]}"
-
-
-def layer_of(name: str) -> int:
-    """The layer of a per-layer hook name (``"blocks.3.attn.hook_z"`` → 3)."""
-    m = _LAYER.match(name)
-    if m is None:
-        raise MechcliffError(f"hook {name!r} is not inside a block (no layer)")
-    return int(m.group(1))
-
-
+@overload
+def to_device(handle: ModelHandle, t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def to_device(handle: ModelHandle, t: None) -> None: ...
 def to_device(handle: ModelHandle, t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` on the device of the model's inputs (its embedding); a no-op when it is there already."""
     if t is None:
@@ -201,11 +172,40 @@ def _auto_stop(names: Sequence[str]) -> int | None:
         return None
 
 
+PATHS = ("auto", "bridge", "plain")
+
+
+def _choose_path(handle: ModelHandle, path: str, names: list[str], hooks: Sequence[tuple[str, Any]],
+                 return_logits: bool, stop: bool = False) -> bool:
+    """True when the capture reads through the plain HF model (see :func:`capture`'s ``path``); ``stop``: the
+    caller gave an explicit ``stop_at_layer`` (the bridge's)."""
+    if path not in PATHS:
+        raise MechcliffError(f"path must be one of {', '.join(PATHS)}, not {path!r}")
+    if path == "bridge":
+        return False
+    from mechcliff.model.plain import unservable_hooks, verified_sites
+
+    sites = verified_sites(handle)
+    unverified = [n for n in names if n not in sites]
+    bridge_only = [n for n, _ in hooks if n not in sites] + unservable_hooks(handle)
+    if path == "plain" and (unverified or bridge_only or return_logits or stop):
+        why = (f"interventions on {', '.join(bridge_only[:3])} run on the bridge only" if bridge_only
+               else "logits come from the bridge" if return_logits
+               else "stop_at_layer is the bridge's" if stop else f"{', '.join(unverified[:3])} not verified on the "
+                    f"plain path of {handle.model_id} (see the conformance check plain_reads)")
+        raise MechcliffError(f"path='plain' cannot serve this capture: {why}")
+    return not unverified and not bridge_only and not return_logits and not stop
+
+
+def _plain_hook(hook: Callable[..., None]) -> Callable[[torch.Tensor], None]:
+    return lambda x: hook(x, None)
+
+
 def capture(
     handle: ModelHandle, batch: TokenBatch, readers: Mapping[str, Reader | None] | Sequence[str], *,
     at: Any = None, rows: Sequence[int] | torch.Tensor | None = None, batch_size: int = 16,
     hooks: Sequence[tuple[str, Callable[..., Any]]] = (), stop_at_layer: int | str | None = "auto",
-    return_logits: bool = False, max_tokens: int | None = None, pack: bool = False,
+    return_logits: bool = False, max_tokens: int | None = None, pack: bool = False, path: str = "auto",
 ) -> Iterator[Chunk]:
     """Run ``batch`` through ``handle`` in chunks and yield what ``readers`` keep of each hook site.
 
@@ -224,6 +224,11 @@ def capture(
             whole model. Without ``return_logits`` the forward also ends as soon as every site has been read, so
             the final norm and the unembedding (``[batch, pos, vocab]`` logits) are never computed.
         return_logits: keep each chunk's output logits (``Chunk.logits``, on the model's device).
+        path: ``"auto"`` reads through the plain Hugging Face model (:mod:`mechcliff.model.plain`: its own sdpa /
+            flash attention, no bridge) when every site read, every site of ``hooks`` and every hook point with a
+            hook in force (an ``intervene`` block) is one the load-time check verified there, and there is no
+            ``return_logits``; else through the bridge. ``"bridge"`` / ``"plain"`` force a path
+            (``"plain"`` raises when it cannot serve the capture).
     """
     readers = {n: None for n in readers} if not isinstance(readers, Mapping) else dict(readers)
     if not readers and not return_logits:
@@ -249,6 +254,7 @@ def capture(
         raise MechcliffError(f"stop_at_layer must be 'auto', None or a layer, not {stop_at_layer!r}")
     if max_tokens is not None and int(max_tokens) < 1:
         raise MechcliffError(f"max_tokens must be at least 1 (or None), got {max_tokens}")
+    use_plain = _choose_path(handle, path, list(readers), hooks, return_logits, stop_at_layer != "auto")
     lengths = _lengths(batch.attention_mask)
     for idx in _plan(order, lengths, int(batch_size), max_tokens, pack):
         tokens, mask, offset = batch.tokens[idx], batch.attention_mask[idx], 0
@@ -285,8 +291,15 @@ def capture(
 
         out = None
         try:
-            out = forward(handle, tokens, mask, hooks=[*hooks, *((n, make(n, r)) for n, r in readers.items())],
-                          stop_at_layer=stop, return_type="logits" if return_logits else None)
+            if use_plain:
+                from mechcliff.model import plain
+
+                with handle.bridge.hooks(fwd_hooks=list(hooks)):  # the plain forward runs the hook points' hooks
+                    plain.run(handle, to_device(handle, tokens), to_device(handle, mask),
+                              {n: _plain_hook(make(n, r)) for n, r in readers.items()})
+            else:
+                out = forward(handle, tokens, mask, hooks=[*hooks, *((n, make(n, r)) for n, r in readers.items())],
+                              stop_at_layer=stop, return_type="logits" if return_logits else None)
         except _AllRead:
             pass
         missing = [n for n in readers if n not in store]

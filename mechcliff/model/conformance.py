@@ -16,6 +16,11 @@ with its slow reference:
   it) equals plain ``generate`` of the unwrapped model, token for token, on a ragged left-padded batch;
 * ``hooks_fire``: every hook point mechcliff reads or writes fires once per forward and per generated token, and a
   write to it changes the output (a hook that never fires, or whose return value is dropped, is caught);
+* ``plain_reads``: the fast reading path (:mod:`mechcliff.model.plain`: plain hooks on the HF modules while the
+  model runs its own sdpa / flash attention) gives the bridge's ``resid_pre``, ``resid_post``, ``hook_z``,
+  ``attn_out``, ``mlp_out`` and ``mlp.hook_post`` at every layer, ``hook_embed`` and ``ln_final.hook_out``. Only the sites that agree are read that way
+  (``handle.extra["plain_sites"]``); the others, and everything on a model whose check did not run, are read through
+  the bridge, so this check informs (``required=False``) and never changes a number;
 * ``nested_hooks``: a hook context entered inside another, with ``run_with_hooks`` / ``run_with_cache`` calls
   inside it, stays active until its ``with`` block ends and is gone afterwards, leaving the outer one in place.
 
@@ -401,6 +406,61 @@ def _nested_hooks(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor,
     return Check("nested_hooks", err, scale, tol, not problems, detail="; ".join(problems))
 
 
+def _site_of(name: str) -> str:
+    """``"blocks.3.attn.hook_z"`` → ``"attn.hook_z"``; a global site's name is its own."""
+    return name.split(".", 2)[2] if name.startswith("blocks.") else name
+
+
+@torch.no_grad()
+def _plain_reads(handle: ModelHandle, tokens: torch.Tensor, mask: torch.Tensor, rel_tol: float) -> Check:
+    """Both reading paths on the check batch, site by site over every layer; the sites that agree (to ``rel_tol``
+    of their scale) are recorded in ``handle.extra["plain_sites"]`` for :func:`mechcliff.model.capture.capture`."""
+    from mechcliff.model import plain
+
+    handle.extra["plain_sites"] = []
+    sites = plain.plain_sites(handle)
+    if not sites:
+        return Check("plain_reads", float("inf"), 1.0, 0.0, False, required=False,
+                     detail="this architecture's modules are not laid out as the plain path expects: reads use the bridge")
+    names = list(sites)
+    ref: dict[str, torch.Tensor] = {}
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
+        def hook(x: torch.Tensor, hook: Any = None) -> None:
+            store[name] = x.detach().float().cpu().clone()
+        return hook
+
+    handle.bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(n, keep(ref, n)) for n in names],
+                                 return_type=None)
+    try:
+        plain.run(handle, tokens, mask, {n: (lambda store, n: lambda x: keep(store, n)(x))(got, n) for n in names})
+    except Exception as e:  # noqa: BLE001 - any failure of the plain path only means: read through the bridge
+        return Check("plain_reads", float("inf"), 1.0, 0.0, False, required=False,
+                     detail=f"the plain forward failed ({type(e).__name__}: {e}): reads use the bridge")
+    real = _real(mask)
+    by_site: dict[str, tuple[float, float]] = {}
+    for n in names:
+        site = _site_of(n)
+        if n not in ref or n not in got or ref[n].shape != got[n].shape:
+            by_site[site] = (float("inf"), 1.0)
+            continue
+        err = (got[n] - ref[n])[real].abs().max().item()
+        scale = ref[n][real].abs().max().item()
+        e0, s0 = by_site.get(site, (0.0, 0.0))
+        by_site[site] = (max(e0, err), max(s0, scale))
+    ok = {site for site, (err, scale) in by_site.items() if err <= rel_tol * max(scale, 1.0)}
+    handle.extra["plain_sites"] = sorted(n for n in names if _site_of(n) in ok)
+    handle.extra["plain_attention"] = plain.fast_attention(handle.hf_model)
+    worst = max(by_site.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1.0))
+    differ = sorted(set(by_site) - ok)
+    detail = (f"{len(ok)}/{len(by_site)} sites read on the plain model ({handle.extra['plain_attention']})"
+              + (f"; through the bridge: {', '.join(differ)}" if differ else ""))
+    return _check("plain_reads", worst[1][0], worst[1][1], rel_tol, required=False, detail=detail) if not differ \
+        else Check("plain_reads", worst[1][0], worst[1][1], rel_tol * max(worst[1][1], 1.0), False, required=False,
+                   detail=detail)
+
+
 def tolerance_for(dtype: Any) -> float:
     """The relative tolerance of the checks for weights of ``dtype`` (:data:`TOLERANCES`; float32's for others)."""
     return TOLERANCES.get(str(dtype).removeprefix("torch."), TOLERANCES["float32"])
@@ -441,6 +501,7 @@ def check_conformance(handle: ModelHandle, reference: HFReference | None = None,
     else:
         report.notes.append("no unwrapped reference: logits_vs_hf and generation_vs_hf were not run")
     report.checks.append(_hooks_fire(handle, tokens, mask, generation_calls))
+    report.checks.append(_plain_reads(handle, tokens, mask, rel_tol))
     shortest = tokens[-1:, mask[-1].bool()]
     report.checks.append(_nested_hooks(handle, shortest, torch.ones_like(shortest), logits[-1:, mask[-1].bool().cpu()],
                                        rel_tol))

@@ -274,6 +274,10 @@ class ModelHandle:
             "device_map": self.device_map,
             "exact_decomposition": self.exact_decomposition,
             "conformance_checked": self.conformance is not None,
+            # the sites read on the plain HF model (mechcliff.model.plain), as verified at load, and its attention
+            "plain_reads": sorted({n.split(".", 2)[2] if n.startswith("blocks.") else n
+                                   for n in self.extra.get("plain_sites", ())}),
+            "plain_attention": self.extra.get("plain_attention"),
             "think_format": {"preset": self.extra.get("think_format", "auto"), **self.think.to_dict()},
             **({"adapter": self.extra["adapter"]} if "adapter" in self.extra else {}),
         }
