@@ -10,7 +10,9 @@ batch goes with pair ``i`` of the target batch), and read a metric. The engine:
   each chunk recomputes only the suffix (one token per row when patching at the last token); when a patch
   position is the very first token, chunks instead start at the patched layer from the target's cached
   ``resid_pre`` (``start_at_layer``), so layers before the patched one are not recomputed;
-* stops at the probe layer for probe metrics (``stop_at_layer``).
+* stops at the probe layer for probe metrics (``stop_at_layer``);
+* runs two unpatched forwards in all: the source batch once (every patched layer's ``z`` and the source metric
+  together) and the target batch once (the target metric and the KV cache, cropped to the prefix).
 
 ``normalized = (patched - target) / (source - target)`` on the example means: 1 = the head alone carries the
 source behaviour, 0 = no effect. :func:`patch_heads_reference` is the exact one-forward-per-index reference.
@@ -196,16 +198,19 @@ class PatchingResult(PerHeadScores, Result):
 def rows_for_budget(handle: ModelHandle, batch: EncodedBatch, memory_budget_mb: float, recomputed_tokens: int | None = None) -> int:
     """How many rows (examples × patch indices) one forward may hold within ``memory_budget_mb``.
 
-    Per row we count, in float32: the KV cache of the prefix (keys and values of every layer), the activations of
-    the recomputed tokens (residual-sized tensors, about 8 per layer), and the attention scores of the recomputed
-    tokens against the whole sequence. A deliberate over-estimate: the budget is a ceiling, not a target.
+    Per row we count, in the model's dtype (2 bytes in bfloat16 / float16, 4 in float32): the KV cache of the
+    prefix (keys and values of every layer), the activations of the recomputed tokens (residual-sized tensors,
+    about 8 per layer), and the attention scores of the recomputed tokens against the whole sequence; the logits of
+    the recomputed tokens in float32 (they are upcast). A deliberate over-estimate: the budget is a ceiling, not a
+    target.
     """
     cfg = handle.bridge.cfg
     T = int(batch.tokens.shape[1])
     q = T if recomputed_tokens is None else int(recomputed_tokens)
     kv_heads = int(getattr(cfg, "n_key_value_heads", None) or handle.n_heads)
     per_layer = 2 * T * kv_heads * handle.d_head + 8 * q * handle.d_model + handle.n_heads * q * T
-    per_row_bytes = 4 * handle.n_layers * per_layer + 4 * q * int(handle.hf_model.config.vocab_size)
+    size = torch.empty((), dtype=handle.dtype).element_size()
+    per_row_bytes = size * handle.n_layers * per_layer + 4 * q * int(handle.hf_model.config.vocab_size)
     return max(1, int(memory_budget_mb * 2**20 // per_row_bytes))
 
 
@@ -219,7 +224,8 @@ def _check_pair(handle: ModelHandle, target: EncodedBatch, source: EncodedBatch,
 
 @torch.no_grad()
 def _source_z(handle: ModelHandle, source: EncodedBatch, spos: torch.Tensor) -> torch.Tensor:
-    """``z`` of every head at the source positions: ``[example, layer, head, d_head]``."""
+    """``z`` of every head at the source positions: ``[example, layer, head, d_head]`` (the whole model; the
+    references use it)."""
     store: dict[int, torch.Tensor] = {}
     rows = torch.arange(len(source))
 
@@ -228,6 +234,29 @@ def _source_z(handle: ModelHandle, source: EncodedBatch, spos: torch.Tensor) -> 
 
     forward(handle, source.tokens, source.attention_mask, hooks=[(act_name("z", l), grab) for l in range(handle.n_layers)])
     return torch.stack([store[l] for l in range(handle.n_layers)], 1)
+
+
+@torch.no_grad()
+def _source_run(handle: ModelHandle, source: EncodedBatch, spos: torch.Tensor, metric: Any,
+                layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the source batch: ``z`` of every head of ``layers`` at the source positions
+    (``[example, layer, head, d_head]``, zeros in the other layers) and the metric there."""
+    store: dict[int, torch.Tensor] = {}
+    rows = torch.arange(len(source))
+
+    def grab(z: torch.Tensor, hook: Any) -> None:
+        store[layer_of(hook.name)] = z[rows, spos.to(z.device)].detach().clone()
+
+    metric_store: dict[str, torch.Tensor] = {}
+    hooks = [(act_name("z", l), grab) for l in layers] + metric.hooks(spos, metric_store)
+    stop = metric.stop_at_layer(handle)
+    logits = forward(handle, source.tokens, source.attention_mask, hooks=hooks, stop_at_layer=stop,
+                     return_type=None if stop is not None else "logits")
+    value = metric.from_logits(logits, spos, metric_store)
+    z = torch.zeros(len(source), handle.n_layers, handle.n_heads, handle.d_head, dtype=handle.dtype)
+    for l in layers:
+        z[:, l] = store[l].cpu()
+    return z, value
 
 
 @torch.no_grad()
@@ -290,8 +319,7 @@ def patch_heads(
         max_rows = max(B, rows_for_budget(handle, target, memory_budget_mb, suffix))
     if max_rows < B:
         raise MechcliffError(f"max_rows ({max_rows}) must be at least the number of examples ({B})")
-    src_z = _source_z(handle, source, spos)
-    source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, spos, [])
+    src_z, source_metric = _source_run(handle, source, spos, metric, sorted({l for l, _ in todo}))
     out = np.full((B, handle.n_layers, handle.n_heads), np.nan)
     if int(tpos.min()) > 0:
         target_metric = _patch_suffix(handle, target, tpos, src_z, metric, todo, max_rows, out, progress)
@@ -307,6 +335,27 @@ def _prefix_cache(handle: ModelHandle, target: EncodedBatch, P: int) -> Any:
         return None
     _, cache = forward(handle, target.tokens[:, :P], target.attention_mask[:, :P], return_type="logits_and_cache")
     return cache
+
+
+@torch.no_grad()
+def _target_run(handle: ModelHandle, target: EncodedBatch, tpos: torch.Tensor, metric: Any, P: int
+                ) -> tuple[torch.Tensor, Any]:
+    """The unpatched metric at the target positions and the KV cache of the target's first ``P`` tokens (``None``
+    when ``P == 0``), from one forward of the whole batch: its cache cropped to ``P`` (keys and values before ``P``
+    depend only on the tokens before ``P``). A cache whose layers are not all plain (sliding-window layers keep only
+    their window, so cropping would lose keys) is computed by a second forward of the prefix instead."""
+    store: dict[str, torch.Tensor] = {}
+    hooks = metric.hooks(tpos, store)
+    if P == 0:
+        return _run_metric(handle, metric, target.tokens, target.attention_mask, tpos, []), None
+    logits, cache = forward(handle, target.tokens, target.attention_mask, hooks=hooks, return_type="logits_and_cache")
+    value = metric.from_logits(logits, tpos, store)
+    remove = int(target.tokens.shape[1]) - P
+    if all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+        if remove:
+            cache.crop(-remove)  # transformers 5: a negative count of tokens to remove from the end
+        return value, cache
+    return value, _prefix_cache(handle, target, P)
 
 
 def _rows_of_layer(chunk: Sequence[tuple[int, int]], B: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -343,8 +392,7 @@ def _patch_suffix(handle: ModelHandle, target: EncodedBatch, tpos: torch.Tensor,
     from tqdm.auto import tqdm
 
     B, P = len(target), int(tpos.min())
-    target_metric = _run_metric(handle, metric, target.tokens, target.attention_mask, tpos, [])
-    prefix_cache = _prefix_cache(handle, target, P)
+    target_metric, prefix_cache = _target_run(handle, target, tpos, metric, P)
     local = tpos - P
     per_forward = max(1, max_rows // B)
     chunks = [todo[i:i + per_forward] for i in range(0, len(todo), per_forward)]

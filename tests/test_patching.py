@@ -172,3 +172,48 @@ def test_memory_budget_sets_the_chunk_size(organism):
     ref = patch_heads(organism, target, source, metric, max_rows=64)
     tight = patch_heads(organism, target, source, metric, memory_budget_mb=0.001)  # floor: one head per forward
     np.testing.assert_allclose(tight.per_example, ref.per_example, atol=1e-5)
+
+
+def test_two_unpatched_forwards_and_the_cropped_cache(monkeypatch, organism):
+    """The engine runs the source once and the target once before patching; the target's cache, cropped to the
+    prefix, holds the keys and values of the prefix's own forward."""
+    import torch
+
+    import mechcliff.patching as pm
+
+    target, source = _pair(organism)
+    metric = ProbeMetric(_random_probe(organism, 3))
+    tpos = target.position("think_end")
+    P = int(tpos.min())
+    _, cropped = pm._target_run(organism, target, tpos, metric, P)
+    own = pm._prefix_cache(organism, target, P)
+    assert cropped.get_seq_length() == own.get_seq_length() == P
+    real = target.attention_mask[:, :P].bool()  # [batch, pos]; padding is masked out of every attention
+    for a, b in zip(cropped.layers, own.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):  # [batch, kv_head, pos, d_head]
+            torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+    full = []
+    run = pm.forward
+
+    def counted(handle, inputs, *a, **k):
+        if not k.get("past_key_values") and "start_at_layer" not in k:
+            full.append(inputs.shape[1])
+        return run(handle, inputs, *a, **k)
+
+    monkeypatch.setattr(pm, "forward", counted)
+    patch_heads(organism, target, source, metric, max_rows=64)
+    assert sorted(full) == sorted([target.tokens.shape[1], source.tokens.shape[1]])  # source (z and metric) and target (metric and cache); the rest recompute the suffix
+
+
+def test_the_budget_knows_the_dtype(organism):
+    import mechcliff.patching as pm
+
+    class Half:
+        def __getattr__(self, name):
+            return getattr(organism, name)
+
+        dtype = __import__("torch").bfloat16
+
+    target, _ = _pair(organism)
+    f32, bf16 = pm.rows_for_budget(organism, target, 64.0), pm.rows_for_budget(Half(), target, 64.0)
+    assert f32 < bf16 <= 2 * f32 + 1  # half the bytes per cached value: more rows in the same budget
