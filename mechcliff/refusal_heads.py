@@ -43,7 +43,7 @@ from mechcliff.controls import layer_counts, random_controls
 from mechcliff.data import Prompt, Rollout
 from mechcliff.errors import MechcliffError
 from mechcliff.interventions import head_label, intervene, parse_head
-from mechcliff.model.capture import act_name, capture, forward
+from mechcliff.model.capture import MAX_TOKENS, act_name, capture
 from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
 
@@ -160,10 +160,14 @@ class _Tokens:
 
 
 @torch.no_grad()
-def first_token_attention(handle: ModelHandle, batch: Any, *, query: str = "first_answer", batch_size: int = 16
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def first_token_attention(handle: ModelHandle, batch: Any, *, query: str = "first_answer", batch_size: int = 16,
+                          max_tokens: int | None = MAX_TOKENS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every example, layer and head: the argmax key position (padded coordinates of ``batch``; the appended
-    first answer token is position ``width``) and its weight, from the query row; and the query positions."""
+    first answer token is position ``width``) and its weight, from the query row; and the query positions.
+
+    Both passes run in chunks of at most ``batch_size`` rows and ``max_tokens`` padded tokens. The greedy first
+    answer token is the argmax of the unembedding of the final norm's output at the last position (the same argmax
+    as the logits: a final soft-cap or logit scale is monotone), so no ``[batch, pos, vocab]`` logits are formed."""
     if query not in QUERIES:
         raise MechcliffError(f"query must be one of {', '.join(QUERIES)}, not {query!r}")
     n, L, H = len(batch), handle.n_layers, handle.n_heads
@@ -176,9 +180,16 @@ def first_token_attention(handle: ModelHandle, batch: Any, *, query: str = "firs
         raise MechcliffError(f"this model has no attention-pattern hook {missing[0]}")
     if query == "first_answer":  # the greedy first answer token of each example, appended at position `width`
         nxt = torch.zeros(n, dtype=batch.tokens.dtype)
-        for s in range(0, n, batch_size):
-            logits = forward(handle, batch.tokens[s:s + batch_size], batch.attention_mask[s:s + batch_size])
-            nxt[s:s + batch_size] = logits[:, -1].argmax(-1).cpu()
+        unembed = handle.bridge.unembed
+        lm_head = getattr(unembed, "original_component", None) or unembed
+        last = torch.full((n,), batch.tokens.shape[1] - 1, dtype=torch.long)
+
+        def next_token(x: torch.Tensor, where: Any) -> torch.Tensor:
+            return lm_head(x).argmax(-1)
+
+        for chunk in capture(handle, batch, {act_name("ln_final"): next_token}, at=last, batch_size=batch_size,
+                             max_tokens=max_tokens):
+            nxt[chunk.where.index] = chunk.values[act_name("ln_final")].to(nxt.dtype)
         mask = batch.attention_mask
         run: Any = _Tokens(torch.cat([batch.tokens, nxt[:, None]], 1),
                            torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], 1))
@@ -190,7 +201,8 @@ def first_token_attention(handle: ModelHandle, batch: Any, *, query: str = "firs
         k, w = argmax_keys(rows.float())
         return torch.stack([k.double(), w.double()])  # both exact in float64: [2, b, H]
 
-    for chunk in capture(handle, run, {nm: read for nm in names}, at=qpos, batch_size=batch_size):
+    for chunk in capture(handle, run, {nm: read for nm in names}, at=qpos, batch_size=batch_size,
+                         max_tokens=max_tokens):
         idx = chunk.where.index.numpy()
         for l, nm in enumerate(names):
             kw = chunk.values[nm]

@@ -119,11 +119,12 @@ def test_key_regions_with_a_gap_token(organism):
 
 @pytest.mark.organism
 @pytest.mark.parametrize("query", ["first_answer", "think_end"])
-def test_query_row_matches_the_full_pattern(organism, harmful, query):
+@pytest.mark.parametrize("max_tokens", [16_384, 1])  # the default budget; one row per chunk
+def test_query_row_matches_the_full_pattern(organism, harmful, query, max_tokens):
     from mechcliff.modes import encode_prompts_mode
 
     batch = encode_prompts_mode(organism, harmful[:5], thinking=False)
-    arg, w, qpos = first_token_attention(organism, batch, query=query, batch_size=2)
+    arg, w, qpos = first_token_attention(organism, batch, query=query, batch_size=2, max_tokens=max_tokens)
     assert arg.shape == (5, organism.n_layers, organism.n_heads)
     for i in (0, 3):  # one example at a time, unpadded, whole pattern
         row = batch.row(i)
