@@ -28,6 +28,7 @@ _EXPORTS = {
     "split_thinking": "mechcliff.data",
     "generate_rollouts": "mechcliff.generation",
     "encode_rollouts": "mechcliff.generation",
+    "Sampling": "mechcliff.generation",
     "LinearProbe": "mechcliff.probe",
     "fit_probe": "mechcliff.probe",
     "trace_refusal": "mechcliff.trace",

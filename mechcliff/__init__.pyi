@@ -19,6 +19,7 @@ from mechcliff.data import (
     split_thinking as split_thinking,
 )
 from mechcliff.generation import generate_rollouts as generate_rollouts, encode_rollouts as encode_rollouts
+from mechcliff.generation import Sampling as Sampling
 from mechcliff.probe import LinearProbe as LinearProbe, fit_probe as fit_probe
 from mechcliff.trace import trace_refusal as trace_refusal, RefusalTrace as RefusalTrace
 from mechcliff.attribution import (

@@ -7,6 +7,10 @@ closed, or its answer only opens a thinking) is not a refusal, so it counts towa
 looks safer); ``asr_of`` reports how many there were (``no_answer``). Intervals are Wilson 95% intervals; rates are also reported
 per category. Next to every ASR we report the refusal rate on harmless prompts, so that "safer" never hides
 "refuses everything".
+
+With several samples per prompt (``generate_rollouts(..., n_samples=n)``, temperature > 0, as arXiv 2510.06036
+samples), the ASR is over all samples (k complied of every sample, with its Wilson interval), and ``asr_of`` also
+reports it per prompt (``per_prompt``: k of n samples and a Wilson interval for each prompt).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from mechcliff.controls import random_controls
 from mechcliff.data import Prompt, Rollout
+from mechcliff.errors import MechcliffError
 from mechcliff.interventions import GAMMA_MODES, check_gamma, head_label, intervene, parse_head
 from mechcliff.model.handle import ModelHandle
 from mechcliff.results import Result
@@ -54,17 +59,45 @@ def refusal_flags(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None)
     return list(judge.judge_many(answers))
 
 
+def per_prompt_rates(rollouts: Sequence[Rollout], flags: Sequence[bool]) -> list[dict[str, Any]] | None:
+    """The rate of ``flags`` per prompt, over its samples: ``[{"prompt_index", "id", "group", "prompt" (its first
+    80 characters), "k", "n", "rate", "low", "high"}]`` in order of first appearance, with Wilson intervals; None
+    unless the rollouts carry sample metadata (``meta["prompt_index"]``, ``meta["sample"]``, written by
+    :func:`~mechcliff.generation.generate_rollouts`) and some prompt has more than one sample."""
+    if len(flags) != len(rollouts):
+        raise MechcliffError(f"got {len(flags)} flags for {len(rollouts)} rollouts")
+    metas = [r.meta or {} for r in rollouts]
+    if not rollouts or any("prompt_index" not in m or "sample" not in m for m in metas):
+        return None
+    counts: dict[tuple[Any, ...], list[Any]] = {}
+    for r, m, f in zip(rollouts, metas, flags):
+        kn = counts.setdefault((r.group, m["prompt_index"], r.prompt), [r, 0, 0])
+        kn[1] += bool(f)
+        kn[2] += 1
+    if max(kn[2] for kn in counts.values()) < 2:
+        return None
+    return [{"prompt_index": key[1], "id": r.id, "group": r.group, "prompt": r.prompt[:80], **Rate.of(k, n).to_dict()}
+            for key, (r, k, n) in counts.items()]
+
+
 def asr_of(rollouts: Sequence[Rollout], judge: Any, *, think: Any = None) -> dict[str, Any]:
     """ASR (complied fraction) with Wilson interval and per-category rates, as a JSON-ready dict; ``no_answer`` is
-    the number of rollouts whose final answer is empty (counted as not refused, see the module docstring)."""
+    the number of rollouts whose final answer is empty (counted as not refused, see the module docstring).
+
+    Several samples per prompt: the ASR is over all samples, and ``per_prompt`` (:func:`per_prompt_rates`) gives
+    each prompt's k of n samples with a Wilson interval (absent with one sample per prompt)."""
     from mechcliff.judges import final_answer
 
     refused = refusal_flags(rollouts, judge, think=think)
     complied = [not r for r in refused]
     rate = Rate.of(sum(complied), len(complied))
-    return {**rate.to_dict(), "by_category": {c: r.to_dict() for c, r in
-                                              rate_by_category(complied, [r.category for r in rollouts]).items()},
-            "no_answer": sum(not final_answer(r.response, *answer_tags(r, think)).strip() for r in rollouts)}
+    out = {**rate.to_dict(), "by_category": {c: r.to_dict() for c, r in
+                                             rate_by_category(complied, [r.category for r in rollouts]).items()},
+           "no_answer": sum(not final_answer(r.response, *answer_tags(r, think)).strip() for r in rollouts)}
+    per_prompt = per_prompt_rates(rollouts, complied)
+    if per_prompt is not None:
+        out["per_prompt"] = per_prompt
+    return out
 
 
 def probe_judge(handle: ModelHandle, probe: Any, threshold: float = 0.5, batch_size: int = 16, enable_thinking: bool = True):
@@ -138,10 +171,16 @@ class AblationResult(Result):
         return rows
 
     def summary_rows(self) -> list[tuple[str, str]]:
-        return [("heads", ", ".join(self.heads)), ("mode", self.mode_label),
+        rows = [("heads", ", ".join(self.heads)), ("mode", self.mode_label),
                 ("ASR before", f"{self.asr_before['rate']:.3f}"), ("ASR after", f"{self.asr_after['rate']:.3f}"),
                 ("ASR random heads (mean)", f"{self.asr_random_mean:.3f}"),
                 ("ablated generation", self.ablation_path)]
+        per_prompt = self.asr_after.get("per_prompt")
+        if per_prompt:  # several samples per prompt: the ASR is over all of them
+            hit = sum(p["k"] > 0 for p in per_prompt)
+            rows += [("samples", f"{self.asr_after['n']} ({len(per_prompt)} prompts; ASR over all samples)"),
+                     ("prompts with an attack success after", f"{hit} of {len(per_prompt)}")]
+        return rows
 
 
 def random_head_sets(handle: ModelHandle, k: int, n_sets: int, seed: int, exclude: Sequence[Any] = ()) -> list[list[tuple[int, int]]]:
@@ -183,7 +222,9 @@ def ablation_experiment(
         before: ``(attack rollouts, harmless rollouts)`` of the unmodified model, if already generated.
         probe: a refusal probe: also report the probe's ASR (share of attack rollouts whose probe score at the
             probe's position is below 0.5, :func:`probe_judge`) before and after.
-        generation: keyword arguments for :func:`mechcliff.generation.generate_rollouts` (budgets, ...).
+        generation: keyword arguments for :func:`mechcliff.generation.generate_rollouts` (budgets, sampling:
+            ``temperature``, ``top_p``, ``n_samples``, ``seed``; with several samples per prompt every ASR is over
+            all samples and reports ``per_prompt`` rates, :func:`asr_of`).
         progress: show progress bars.
         fold: generate under the intervention with a copy of the model that has it folded into its weights
             (plain HF ``generate``, no hooks; :mod:`mechcliff.folding`) when it can be folded (every head mode
@@ -192,8 +233,6 @@ def ablation_experiment(
     """
     from mechcliff.folding import ablated_generation
     from mechcliff.generation import generate_rollouts
-
-    from mechcliff.errors import MechcliffError
 
     g = check_gamma(mode, gamma)
     gen = dict(generation or {})

@@ -17,8 +17,21 @@ any active mechcliff intervention hooks fire at every step, KV cache included):
 right after the closing template. ``enable_thinking=False`` is a different mode, thinking off: no think block of
 ours (``thinking is None``), the chat template decides (Qwen3 and the organism write an empty one themselves).
 
-Greedy decoding by default (``temperature=0``); sampling is seeded per batch. Batches are left-padded with an
-attention mask, so greedy batched output equals one-at-a-time output (a test checks this).
+Greedy decoding by default (``temperature=0``). Batches are left-padded with an attention mask, so greedy batched
+output equals one-at-a-time output (a test checks this).
+
+**Sampling as in the papers** (:class:`Sampling`; arXiv 2510.06036 samples with T = 0.7): temperature, top-p and
+``n`` samples per prompt, each sample with a seed of its own. The sampling is ours, not HF's: generation stays
+greedy (``do_sample=False``) and :class:`SeededSampler`, the last logits processor, divides the logits by T,
+masks the tokens outside the top-p nucleus (the semantics of HF's ``TopPLogitsWarper``) and draws the next token
+from the truncated, renormalised ``softmax(logits / T)``. Every row draws from a CPU ``torch.Generator`` of its own,
+seeded from ``(seed, prompt index, sample index, phase)`` (:meth:`Sampling.sample_seed`), one number per step:
+sample k of prompt i is the same tokens whatever the batch size and whichever prompts share its batch (up to the
+float rounding of the logits, as for greedy), on any device. Thinking and answer (phases 0 and 1) each get their
+stream: a generator continued from the thinking into the answer would depend on how many steps its batch ran (a
+finished row keeps drawing until the whole batch stops). The same prompt index gives the same draws with and
+without an intervention (common random numbers: a paired comparison). Top-k is not applied (HF's sampling would
+apply the model's ``generation_config.top_k``, often 50; the papers report temperature and top-p).
 
 **The model's context** (``handle.n_ctx``) bounds prompt + thinking + closing template + answer. Prompts are never
 truncated (a cut prompt is another prompt). Before anything is generated, every prompt is measured: one that
@@ -31,9 +44,12 @@ the other prompts' rollouts are exactly what they would be without them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -46,6 +62,114 @@ from mechcliff.model.capture import to_device
 
 class ContextLengthWarning(UserWarning):
     """Some prompts fit the model's context only with smaller thinking / answer budgets (see the module docstring)."""
+
+
+def _real(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise MechcliffError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _count(name: str, v: Any, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise MechcliffError(f"{name} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How rollouts are decoded: greedy (``temperature=0``, the default) or sampled with temperature and top-p,
+    ``n`` samples per prompt, each seeded on its own (see the module docstring). arXiv 2510.06036 samples with
+    ``Sampling(temperature=0.7)``.
+
+    Args:
+        temperature: 0 = greedy; above 0, the logits are divided by it before sampling.
+        top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+            (always the most likely token); 1 = no truncation. Unused when greedy.
+        n: samples per prompt (above 1 needs ``temperature > 0``: greedy samples are identical).
+        seed: the base seed; sample k of prompt i is seeded from ``(seed, i, k)``.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        t, p = _real("temperature", self.temperature), _real("top_p", self.top_p)
+        if t < 0:
+            raise MechcliffError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not 0.0 < p <= 1.0:
+            raise MechcliffError(f"top_p must be in (0, 1] (1: no truncation), got {self.top_p!r}")
+        n = _count("n (samples per prompt)", self.n, 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MechcliffError(f"seed must be an integer, got {self.seed!r}")
+        if n > 1 and t == 0:
+            raise MechcliffError(f"{n} samples per prompt need a temperature > 0: greedy samples are identical")
+        object.__setattr__(self, "temperature", t)
+        object.__setattr__(self, "top_p", p)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is greedy (``temperature == 0``)."""
+        return self.temperature == 0
+
+    def sample_seed(self, prompt_index: int, sample: int, phase: int) -> int:
+        """The seed of one row's draws: ``SeedSequence([seed, prompt_index, sample, phase])`` (phase 0: thinking,
+        1: answer; a negative seed taken modulo 2**64), a 64-bit integer."""
+        entropy = [self.seed % 2**64, prompt_index, sample, phase]
+        state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
+        return int(state[0])
+
+    def generator(self, prompt_index: int, sample: int, phase: int) -> torch.Generator:
+        """A CPU generator seeded with :meth:`sample_seed`."""
+        return torch.Generator().manual_seed(self.sample_seed(prompt_index, sample, phase))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def top_p_mask(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``scores`` with the tokens outside each row's top-p nucleus set to -inf, as HF's ``TopPLogitsWarper``: sorted
+    ascending, a token is dropped when the cumulative probability up to it is ``<= 1 - top_p``; the most likely
+    token is always kept."""
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+    drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    drop[..., -1] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class SeededSampler:
+    """A logits processor (HF ``generate(logits_processor=...)``, the last one) that makes greedy decoding sample,
+    each row from a generator of its own: the logits over ``temperature``, top-p masked (:func:`top_p_mask`), then
+    one token drawn from their softmax by inverse transform sampling (the first token whose cumulative probability,
+    summed in float64, reaches ``u`` times the total, ``u`` one uniform from the row's CPU generator) and returned as the
+    only finite score, which greedy decoding then takes. Every call draws exactly one number per row, so a row's
+    tokens depend on its own generator and its own logits only.
+
+    Why not the Gumbel-max trick (argmax of logits + Gumbel noise, the same distribution): it needs one uniform per
+    vocabulary entry and step, and drawing 16 x 152k of them on the CPU takes ~60 ms per step (measured, one
+    thread), longer than a 7B model's decoding step on a GPU; one uniform per row costs nothing. The cumulative sum runs
+    on the scores' device (float32 on MPS, which has no float64)."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float = 1.0):
+        if not temperature > 0:
+            raise MechcliffError(f"SeededSampler samples: temperature must be > 0, got {temperature!r}")
+        self.generators, self.temperature, self.top_p = list(generators), float(temperature), float(top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise MechcliffError(f"SeededSampler has {len(self.generators)} generators for {scores.shape[0]} rows")
+        x = top_p_mask(scores.float() / self.temperature, self.top_p)
+        dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        cdf = torch.softmax(x, dim=-1).to(dtype).cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        u = u.to(device=cdf.device, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
+        # the first token whose cumulative probability reaches u * total: a token of positive probability
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_max(x.shape[-1] - 1)
+        return torch.full_like(x, float("-inf")).scatter_(-1, token, 0.0)
 
 
 def _fit_context(handle, texts: list[str], *, thinking_phase: bool, closes: bool, enable_thinking: bool,
@@ -103,18 +227,23 @@ def _eos_ids(tok) -> list[int]:
 
 
 def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[int], stop_strings: list[str] | None,
-              seed: int = 0):
-    kwargs = dict(
+              seed: int = 0, *, top_p: float = 1.0, generators: list[torch.Generator] | None = None):
+    """New tokens of ``batch`` (on the CPU). Greedy for ``temperature == 0``; otherwise greedy decoding through
+    :class:`SeededSampler` with one generator per row (``generators``; without them, seeded from ``seed`` and the
+    row's place in the batch)."""
+    kwargs: dict[str, Any] = dict(
         attention_mask=to_device(handle, batch.attention_mask), max_new_tokens=max_new, eos_token_id=stop_ids,
-        pad_token_id=handle.tokenizer.pad_token_id, do_sample=temperature > 0,
+        pad_token_id=handle.tokenizer.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None,
     )
     if temperature > 0:
-        kwargs["temperature"] = temperature
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+        from transformers import LogitsProcessorList
+
+        if generators is None:
+            generators = [Sampling(temperature, top_p, 1, seed).generator(j, 0, 0) for j in range(len(batch.tokens))]
+        kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(generators, temperature, top_p)])
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=handle.tokenizer)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # seeded per batch; the caller's RNG is untouched
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
         torch.manual_seed(seed)
         out = handle.hf_model.generate(to_device(handle, batch.tokens), **kwargs)
     return out[:, batch.tokens.shape[1]:].cpu()
@@ -136,10 +265,13 @@ def generate_rollouts(
     handle,
     prompts: list[Prompt] | list[str],
     *,
-    max_think_tokens: int = 64,
-    max_answer_tokens: int = 48,
+    max_think_tokens: int | None = None,
+    max_answer_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = 0,
+    top_p: float = 1.0,
+    n_samples: int = 1,
+    sampling: Sampling | None = None,
     batch_size: int = 16,
     enable_thinking: bool = True,
     omit_thinking: bool = False,
@@ -151,10 +283,17 @@ def generate_rollouts(
 ) -> list[Rollout]:
     """Generate thinking + answer for each prompt; returns :class:`~mechcliff.data.Rollout` objects in order.
 
-    Resuming: ``on_batch(pairs)`` is called with ``(prompt index, rollout)`` pairs as each batch finishes (e.g. to
-    append them to a file), and ``done`` maps prompt indices to rollouts kept from an interrupted call with the same
-    prompts and settings: a batch whose every prompt is in ``done`` is not generated again. Batches and their seeds
-    depend only on the prompts and ``batch_size``, so a resumed call returns what an uninterrupted one would.
+    Sampling (:class:`Sampling`; ``temperature``, ``top_p``, ``n_samples``, ``seed``, or ``sampling=`` instead of
+    those four): ``n_samples`` rollouts per prompt, prompt-major (prompt 0's samples 0..n-1, then prompt 1's, ...),
+    each with ``meta["prompt_index"]`` and ``meta["sample"]``; sample k of prompt i is seeded from ``(seed, i, k)``
+    and is the same whatever ``batch_size`` and the other prompts (see the module docstring). Every rollout's
+    ``meta`` records ``temperature``, ``top_p`` and ``seed``.
+
+    Resuming: ``on_batch(pairs)`` is called with ``(rollout index, rollout)`` pairs as each batch finishes (e.g. to
+    append them to a file; the rollout index is ``prompt index * n_samples + sample``, the prompt index when
+    ``n_samples == 1``), and ``done`` maps rollout indices to rollouts kept from an interrupted call with the same
+    prompts and settings: a batch whose every rollout is in ``done`` is not generated again. A resumed call returns
+    what an uninterrupted one would.
 
     ``max_think_tokens=0`` (with thinking on) gives every rollout an empty, closed thinking (``thinking == ""``):
     the closing template is prefilled and the model answers directly after it. ``enable_thinking=False`` is a
@@ -176,21 +315,37 @@ def generate_rollouts(
     Args:
         handle: the loaded model (:func:`mechcliff.load_model`).
         prompts: :class:`~mechcliff.data.Prompt` objects (their group, category and id are kept) or plain strings.
-        max_think_tokens: budget of the thinking; 0 = an empty, closed thinking (above).
-        max_answer_tokens: budget of the answer.
-        temperature: 0 (default) is greedy; above 0, sampling, seeded per batch.
-        seed: seed of the sampling (each batch gets its own seed derived from it).
-        batch_size: prompts per generation batch (prompts are batched by length).
+        max_think_tokens: budget of the thinking; 0 = an empty, closed thinking (above). None (default): the
+            model's preset (:func:`mechcliff.model.presets.generation_budgets` of ``handle.model_id``): 4,096 on
+            real models (reasoning-scale: a shorter budget force-closes a real model's thinking, which changes the
+            behaviour under study), 64 on the organisms (``"organism"``, ``"smollm2-refusal-organism"``).
+        max_answer_tokens: budget of the answer. None (default): the model's preset: 512 on real models, 48 on
+            the organisms.
+        temperature: 0 (default) is greedy; above 0, sampling (arXiv 2510.06036: 0.7).
+        seed: seed of the sampling (each sample gets its own seed derived from it, the prompt and sample index).
+        top_p: nucleus sampling's probability mass (1, the default: none); unused when greedy.
+        n_samples: rollouts per prompt (above 1 needs ``temperature > 0``).
+        sampling: a :class:`Sampling` instead of ``temperature``, ``seed``, ``top_p`` and ``n_samples``.
+        batch_size: rows (prompt samples) per generation batch (batched by prompt length).
         enable_thinking: the chat template's thinking switch (above).
         omit_thinking: write no think block at all (above).
         system: a system message, or None.
         progress: show a progress bar.
         desc: the progress bar's label.
-        done: prompt index -> rollout already generated, for resuming (above).
-        on_batch: called with the ``(prompt index, rollout)`` pairs of each finished batch (above).
+        done: rollout index -> rollout already generated, for resuming (above).
+        on_batch: called with the ``(rollout index, rollout)`` pairs of each finished batch (above).
     """
+    from mechcliff.model.presets import generation_budgets
+
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens)
     if max_think_tokens < 0:
         raise MechcliffError(f"max_think_tokens must be an integer >= 0, got {max_think_tokens!r}")
+    if sampling is None:
+        sampling = Sampling(temperature=temperature, top_p=top_p, n=n_samples, seed=seed)
+    elif (temperature, top_p, n_samples, seed) != (0.0, 1.0, 1, 0):
+        raise MechcliffError("give either sampling= or temperature / top_p / n_samples / seed, not both")
+    elif not isinstance(sampling, Sampling):
+        raise MechcliffError(f"sampling must be a mechcliff.generation.Sampling, got {type(sampling).__name__}")
     items = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
     if not items:
         raise MechcliffError("no prompts to generate from (empty prompt set)")
@@ -203,29 +358,38 @@ def generate_rollouts(
     caps = _fit_context(handle, [p.text for p in items], thinking_phase=closes and max_think_tokens > 0,
                         closes=closes, enable_thinking=enable_thinking, system=system,
                         max_think=max_think_tokens, max_answer=max_answer_tokens)
-    order = sorted((i for i in range(len(items)) if i not in caps), key=lambda i: len(items[i].text))
-    out: list[Rollout | None] = [None] * len(items)
+    n = sampling.n
+    # Rows are (prompt index, sample index), batched by prompt length; a sample's tokens do not depend on its batch.
+    order = sorted(((i, k) for i in range(len(items)) if i not in caps for k in range(n)),
+                   key=lambda r: (len(items[r[0]].text), r))
+    out: list[Rollout | None] = [None] * (len(items) * n)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches += [[i] for i in sorted(caps, key=lambda i: len(items[i].text))]  # cut budgets: a batch of their own
+    for i in sorted(caps, key=lambda i: len(items[i].text)):  # cut budgets: batches of their own
+        batches += [[(i, k) for k in range(k0, min(n, k0 + batch_size))] for k0 in range(0, n, batch_size)]
     n_ctx = getattr(handle, "n_ctx", None)
     done = done or {}
-    for bi, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        if all(i in done for i in idx):
-            for i in idx:
-                out[i] = done[i]
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        flat = [i * n + k for i, k in idx]
+        if all(f in done for f in flat):
+            for f in flat:
+                out[f] = done[f]
             continue
-        batch_seed = seed * 100003 + bi
-        texts = [items[i].text for i in idx]
-        cap = caps.get(idx[0]) if len(idx) == 1 else None
+        texts = [items[i].text for i, _ in idx]
+        cap = caps.get(idx[0][0])  # a prompt with cut budgets shares its batches with no other prompt
         think_budget = cap["max_think_tokens"] if cap else max_think_tokens
         answer_budget = cap["max_answer_tokens"] if cap else max_answer_tokens
+
+        def generators(phase: int, idx: list[tuple[int, int]] = idx) -> list[torch.Generator] | None:
+            return None if sampling.greedy else [sampling.generator(i, k, phase) for i, k in idx]
+
         # Thinking off: no think block (the template decides). A zero budget: an empty, closed thinking, so the
         # model answers right after the closing template (it must not do its thinking inside the answer).
         thinks: list[str | None] = [None if omit_thinking or not enable_thinking else ""] * len(idx)
         closed_by_model = [False] * len(idx)
         if closes and think_budget > 0:
             batch = encode(handle, texts, enable_thinking=True, system=system, open_thinking=True)
-            new = _generate(handle, batch, think_budget, temperature, think_stop, think_strings, batch_seed)
+            new = _generate(handle, batch, think_budget, sampling.temperature, think_stop, think_strings,
+                            sampling.seed, top_p=sampling.top_p, generators=generators(0))
             for j in range(len(idx)):
                 text, _ = _decode(tok, new[j], eos)
                 if fmt.close_tag in text:
@@ -237,27 +401,30 @@ def generate_rollouts(
         if isinstance(n_ctx, int):
             answer_budget = max(0, min(answer_budget, n_ctx - batch.tokens.shape[1]))
         if answer_budget > 0:
-            new = _generate(handle, batch, answer_budget, temperature, eos, None, batch_seed + 1)
+            new = _generate(handle, batch, answer_budget, sampling.temperature, eos, None, sampling.seed,
+                            top_p=sampling.top_p, generators=generators(1))
         else:
             new = torch.full((len(idx), 0), tok.pad_token_id or 0, dtype=torch.long)
-        for j, i in enumerate(idx):
+        for j, (i, k) in enumerate(idx):
             raw, ended = _decode(tok, new[j], eos)
             answer = final_answer(raw, fmt.close_tag, fmt.open_tag)  # think tags in the answer are not the answer
             p = items[i]
             meta: dict[str, Any] = {"closed_by_model": closed_by_model[j], "answer_ended": ended,
-                                    "temperature": temperature, "seed": seed, "enable_thinking": enable_thinking}
+                                    "temperature": sampling.temperature, "top_p": sampling.top_p,
+                                    "seed": sampling.seed, "prompt_index": i, "sample": k,
+                                    "enable_thinking": enable_thinking}
             if answer != raw:
                 meta["raw_response"] = raw
             if (fmt.open_tag, fmt.close_tag) != ("<think>", "</think>"):  # judged with these (mechcliff.asr)
                 meta["think_tags"] = [fmt.open_tag, fmt.close_tag]
             if i in caps:
                 meta["context_capped"] = dict(caps[i])
-            out[i] = Rollout(
+            out[i * n + k] = Rollout(
                 prompt=p.text, thinking=thinks[j], response=answer, category=p.category, group=p.group, id=p.id,
                 has_think_close=True, meta=meta,
             )
         if on_batch is not None:
-            on_batch([(i, out[i]) for i in idx])
+            on_batch([(f, out[f]) for f in flat])
     return [r for r in out if r is not None]
 
 

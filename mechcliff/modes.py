@@ -109,31 +109,39 @@ def generate_mode_rollouts(handle: ModelHandle, prompts: Sequence[Any], *, think
 
 
 def _generate_after_empty_block(handle: ModelHandle, items: list[Prompt], *, max_answer_tokens: int = 48,
-                                temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
-                                system: str | None = None, progress: bool = True, desc: str = "generating",
-                                **_ignored: Any) -> list[Rollout]:
-    """Answers after an empty thinking block (``thinking=""``), batched and seeded as ``generate_rollouts``."""
+                                temperature: float = 0.0, seed: int = 0, top_p: float = 1.0, n_samples: int = 1,
+                                batch_size: int = 16, system: str | None = None, progress: bool = True,
+                                desc: str = "generating", **_ignored: Any) -> list[Rollout]:
+    """Answers after an empty thinking block (``thinking=""``), batched and seeded per prompt as
+    ``generate_rollouts``' answers (one sample per prompt)."""
     from tqdm.auto import tqdm
 
     from mechcliff.chat import encode
-    from mechcliff.generation import _decode, _eos_ids, _generate
+    from mechcliff.generation import Sampling, _decode, _eos_ids, _generate
+
+    sampling = Sampling(temperature=temperature, top_p=top_p, n=n_samples, seed=seed)
+    if sampling.n > 1:
+        raise MechcliffError("no_think_format 'empty_block' generates one sample per prompt; use n_samples=1")
 
     tok = handle.tokenizer
     eos = _eos_ids(tok)
     order = sorted(range(len(items)), key=lambda i: len(items[i].text))
     out: list[Rollout | None] = [None] * len(items)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for bi, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = encode(handle, [items[i].text for i in idx], thinking=[""] * len(idx), enable_thinking=True,
                        system=system)
-        new = _generate(handle, batch, max_answer_tokens, temperature, eos, None, seed * 100003 + bi + 1)
+        gens = None if sampling.greedy else [sampling.generator(i, 0, 1) for i in idx]
+        new = _generate(handle, batch, max_answer_tokens, sampling.temperature, eos, None, seed,
+                        top_p=sampling.top_p, generators=gens)
         for j, i in enumerate(idx):
             answer, ended = _decode(tok, new[j], eos)
             p = items[i]
             out[i] = Rollout(prompt=p.text, thinking="", response=answer, category=p.category, group=p.group, id=p.id,
                              has_think_close=True,
-                             meta={"closed_by_model": False, "answer_ended": ended, "temperature": temperature,
-                                   "seed": seed, "enable_thinking": True})
+                             meta={"closed_by_model": False, "answer_ended": ended,
+                                   "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed,
+                                   "prompt_index": i, "sample": 0, "enable_thinking": True})
     return [r for r in out if r is not None]
 
 

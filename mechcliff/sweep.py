@@ -148,15 +148,30 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, sort_keys=True, default=repr))
 
 
-def generation_settings(generation: dict[str, Any] | None) -> dict[str, Any]:
+def generation_settings(generation: dict[str, Any] | None, handle: Any = None) -> dict[str, Any]:
     """The generation options that decide a result: ``generate_rollouts``'s defaults overridden by ``generation``,
-    without the display-only ones (so ``{}`` and the explicit defaults are the same settings)."""
+    without the display-only ones (so ``{}`` and the explicit defaults are the same settings). The token budgets
+    ``generate_rollouts`` takes from the model's preset when not given are filled in from ``handle``'s
+    (:func:`mechcliff.model.presets.generation_budgets`)."""
     from mechcliff.generation import generate_rollouts
+    from mechcliff.model.presets import generation_budgets
 
     params = inspect.signature(generate_rollouts).parameters
     full = {k: v.default for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
             and v.default is not inspect.Parameter.empty}
     full.update(generation or {})
+    full["max_think_tokens"], full["max_answer_tokens"] = generation_budgets(
+        handle, full.get("max_think_tokens"), full.get("max_answer_tokens"))
+    sampling = full.pop("sampling", None)  # a Sampling object: the same settings as its four keywords
+    if sampling is not None:
+        full.update(temperature=sampling.temperature, top_p=sampling.top_p, n_samples=sampling.n, seed=sampling.seed)
+    # top_p 1 and one sample are left out, so that cells from before those options are still reused; sampled cells
+    # (temperature > 0) from before per-sample seeds (seeded per batch) are not
+    for k in ("top_p", "n_samples"):
+        if full.get(k) == 1:
+            full.pop(k)
+    if full.get("temperature", 0) > 0:
+        full["sampler"] = "per-sample seeds"
     return _jsonable({k: v for k, v in full.items() if k not in _DISPLAY_ONLY})
 
 
@@ -179,7 +194,7 @@ def sweep_experiment(handle: ModelHandle, attack_prompts: Sequence[Any], harmles
         "harmless_prompts": content_hash(_texts(harmless_prompts)),
         "harmless_rollouts": content_hash(list(harmless_rollouts)),
         "judge": judge_identity(judge),
-        "generation": generation_settings(generation),
+        "generation": generation_settings(generation, handle),
         "seed": int(seed),
     })
 

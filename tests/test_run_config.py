@@ -15,7 +15,8 @@ pytestmark = pytest.mark.unit
 CHANGED = {
     "model": "smollm2", "adapter": "/tmp/adapter", "prompts": {"harmful": "x.jsonl"}, "n_per_group": 7,
     "label_source": "dataset", "probe_groups": ["harmful"], "probe_layer": 2, "position": "last", "plateau": "max",
-    "max_think_tokens": 5, "max_answer_tokens": 6, "temperature": 0.7, "batch_size": 3, "seed": 9,
+    "max_think_tokens": 5, "max_answer_tokens": 6, "temperature": 0.7, "top_p": 0.9, "n_samples": 3,
+    "batch_size": 3, "seed": 9,
     "enable_thinking": False, "think_format": "qwen3",
     "device": "cuda:1", "dtype": "bfloat16", "device_map": "auto", "ablation_top_k": 4, "ablation_mode": "zero",
     "ablation_gamma": 0.5, "n_random_sets": 1, "quick": True,
