@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from mechcliff.data import (BUILTIN_GROUPS, Prompt, atomic_write_text, content_hash, prompt_source,
-                            load_rollouts, save_rollouts)
+                            prompt_source_schemes, load_rollouts, save_rollouts)
 import mechcliff.learned_organism  # noqa: F401 - registers the 'heldout:' prompt sources run configs may name
 from mechcliff.errors import MechcliffError, stderr_log
 from mechcliff.model.presets import preset
@@ -71,9 +71,16 @@ class RunConfig:
     probe_layer: int | str = option("best", stage="probe", types=(int, str))
     position: str = option("think_end", stage="probe", types=(str,))
     plateau: str = option("mean", stage="trace", types=(str,))
+    # token budgets of each rollout. These (48 / 32) are the organisms'; a real model (any model the presets table,
+    # mechcliff.model.presets, does not name) gets reasoning-scale ones, 4096 / 512, since a short budget force-closes
+    # its thinking and changes the behaviour under study; quick=True on a real model: 32 / 24
     max_think_tokens: int = option(48, stage="rollouts", types=(int,))
     max_answer_tokens: int = option(32, stage="rollouts", types=(int,))
     temperature: float = option(0.0, stage="rollouts", types=(int, float))
+    # sampling as in the papers (mechcliff.generation.Sampling): nucleus top-p (1: none) and samples per prompt
+    # (> 1 needs temperature > 0), each sample seeded from (seed, prompt index, sample index)
+    top_p: float = option(1.0, stage="rollouts", types=(int, float))
+    n_samples: int = option(1, stage="rollouts", types=(int,))
     # how many examples share a forward pass: changes speed and memory, not results (batched = per example)
     batch_size: int = option(16, stage=None, types=(int,))
     seed: int = option(0, stage="rollouts", types=(int,))
@@ -111,8 +118,9 @@ class RunConfig:
         path = Path(path)
         data = cls._read_mapping(path)
         data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        if isinstance(data.get("prompts"), dict):
-            data["prompts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
+        if isinstance(data.get("prompts"), dict):  # files, not the built-in set ("") or a source ("heldout:NAME")
+            data["prompts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute()
+                                   and f.partition(":")[0] not in prompt_source_schemes() else f)
                                for g, f in data["prompts"].items()}
         if isinstance(data.get("rollouts"), dict):
             data["rollouts"] = {g: (str((path.parent / f).resolve()) if isinstance(f, str) and f and not Path(f).is_absolute() else f)
@@ -192,6 +200,13 @@ class RunConfig:
                 f"which the ablation stage does not compute); use one of {', '.join(GAMMA_MODES)} or 'zero'")
         if not math.isfinite(float(self.temperature)) or self.temperature < 0:
             raise MechcliffError(f"{source}: option 'temperature' must be a finite number >= 0")
+        if not math.isfinite(float(self.top_p)) or not 0 < self.top_p <= 1:
+            raise MechcliffError(f"{source}: option 'top_p' must be in (0, 1] (1: no truncation), got {self.top_p!r}")
+        if self.n_samples < 1:
+            raise MechcliffError(f"{source}: option 'n_samples' must be at least 1, got {self.n_samples}")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise MechcliffError(f"{source}: option 'n_samples' is {self.n_samples} but the temperature is 0 (greedy): "
+                                 "the samples would be identical; set a temperature > 0 (arXiv 2510.06036 samples at 0.7)")
         for name in ("n_per_group", "batch_size", "ablation_top_k"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -216,16 +231,23 @@ class RunConfig:
     def generation(self, progress: bool = True) -> dict[str, Any]:
         """The keyword arguments of :func:`mechcliff.generation.generate_rollouts` this configuration runs with."""
         return dict(max_think_tokens=self.max_think_tokens, max_answer_tokens=self.max_answer_tokens,
-                    temperature=self.temperature, seed=self.seed, batch_size=self.batch_size,
+                    temperature=self.temperature, seed=self.seed, top_p=self.top_p, n_samples=self.n_samples,
+                    batch_size=self.batch_size,
                     enable_thinking=self.enable_thinking, progress=progress)
 
     def stage_hash(self, *fields: str) -> str:
         d = self.to_dict()
         # think_format "auto" and empty rollouts are left out, so that runs from before those options keep their
         # hashes (and resume)
-        return content_hash([{k: d[k] for k in sorted(fields) if not (k == "think_format" and d[k] == "auto")
-                              and not (k == "rollouts" and not d[k])
-                              and not (k == "dtype" and d[k] == "float32") and not (k == "device_map" and d[k] is None)}])
+        # (likewise top_p 1 and n_samples 1). Sampled rollouts (temperature > 0) are seeded per sample since those
+        # options came (per batch before), so a sampled run from before them is not resumed with other samples
+        keep = {k: d[k] for k in sorted(fields) if not (k == "think_format" and d[k] == "auto")
+                and not (k == "rollouts" and not d[k])
+                and not (k == "dtype" and d[k] == "float32") and not (k == "device_map" and d[k] is None)
+                and not (k in ("top_p", "n_samples") and d[k] == 1)}
+        if keep.get("temperature", 0) > 0:
+            keep["sampler"] = "per-sample seeds"
+        return content_hash([keep])
 
 
 def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
@@ -242,8 +264,9 @@ def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:
 
 def default_config(model: str, quick: bool = False) -> RunConfig:
     """The defaults of a run on ``model``: :class:`RunConfig`'s, changed by the model's entry of
-    :data:`mechcliff.model.presets.PRESETS` (e.g. the organism ablates 3 heads; ``quick`` on a real model uses 40
-    prompts per group, shorter generations and 2 random-head sets)."""
+    :data:`mechcliff.model.presets.PRESETS` (e.g. the organism ablates 3 heads; a real model thinks for up to 4,096
+    tokens and answers in up to 512; ``quick`` on a real model uses 40 prompts per group, 32 / 24-token generations
+    and 2 random-head sets)."""
     return dataclasses.replace(RunConfig(model=model, quick=quick), **preset(model).run_options(quick))
 
 
@@ -511,7 +534,8 @@ class Run:
             ab = ablation_experiment(
                 h, heads, groups[attack], groups["harmless"], judge=judge, mode=self.cfg.ablation_mode,
                 gamma=self.cfg.ablation_gamma, n_random=self.cfg.n_random_sets, seed=self.cfg.seed,
-                before=(rollouts[attack], rollouts["harmless"]), probe=probe,
+                before=(self._baseline(attack, rollouts, groups), self._baseline("harmless", rollouts, groups)),
+                probe=probe,
                 generation=self.gen_kwargs(), progress=self.progress,
             )
             ab.save(self.dir / "ablation")
@@ -528,6 +552,19 @@ class Run:
                          ground_truth=self._ground_truth())
         self._write_manifest(groups, status="finished", seconds=time.time() - t_start)
         return results
+
+    def _baseline(self, group: str, rollouts: dict[str, list[Any]], groups: dict[str, list[Prompt]]) -> list[Any]:
+        """The unablated model's rollouts of ``group``, which the ablation compares with its ablated ones: the rollouts
+        stage's for a generated group. An imported group was written by another model, or with other budgets and
+        sampling, than the ablated generation, so comparing with it would measure the difference between the two
+        generators, not the ablation's effect: its prompts are generated here with the run's settings."""
+        if group not in self.cfg.rollouts:
+            return rollouts[group]
+        from mechcliff.generation import generate_rollouts
+
+        self.log(f"[ablation] '{group}' was imported: generating the model's own rollouts of its "
+                 f"{len(groups[group])} prompts as the unablated baseline")
+        return generate_rollouts(self.model(), groups[group], desc=f"{group}, before", **self.gen_kwargs())
 
     def _rollouts(self, groups: dict[str, list[Prompt]], judge: Any) -> None:
         """Generate and judge each group, saving it as soon as it is done; within a group, each finished batch is
@@ -552,14 +589,15 @@ class Run:
                 continue
             if mark.exists() and mark.read_text().strip() == key and path.exists():
                 try:
-                    if len(load_rollouts(path)) == len(prompts):
+                    if len(load_rollouts(path)) == len(prompts) * self.cfg.n_samples:
                         self.log(f"[rollouts] {g}: kept from the interrupted run")
                         continue
                 except MechcliffError:
                     pass
             done = self._partial_rollouts(partial, key, Rollout)
-            self.log(f"[rollouts] {g}: {len(prompts)} prompts" + (f" ({len(done)} kept from the interrupted run)"
-                                                                  if done else ""))
+            samples = f" x {self.cfg.n_samples} samples" if self.cfg.n_samples > 1 else ""
+            self.log(f"[rollouts] {g}: {len(prompts)} prompts{samples}"
+                     + (f" ({len(done)} kept from the interrupted run)" if done else ""))
             if not done:
                 atomic_write_text(partial, json.dumps({"key": key}) + "\n")
 
@@ -652,12 +690,17 @@ class Run:
                          "asr_after": ab.asr_after["rate"], "asr_after_ci": [ab.asr_after["low"], ab.asr_after["high"]],
                          "asr_random_heads": ab.asr_random_mean, "asr_random_heads_sets": [r["rate"] for r in ab.asr_random],
                          "random_heads": ab.random_heads,
+                         # imported groups whose unablated baseline the ablation stage generated (Run._baseline)
+                         "baseline_generated": [g for g in (attack, "harmless") if g in self.cfg.rollouts],
                          "harmless_refusal_before": ab.harmless_refusal_before["rate"],
                          "harmless_refusal_after": ab.harmless_refusal_after["rate"],
                          "probe_judge_asr_before": ab.probe_asr_before, "probe_judge_asr_after": ab.probe_asr_after,
                          "asr_by_category_before": {c: r["rate"] for c, r in ab.asr_before["by_category"].items()},
                          "asr_by_category_after": {c: r["rate"] for c, r in ab.asr_after["by_category"].items()}},
         }
+        if "per_prompt" in ab.asr_after:  # several samples per prompt: the ASR is over all samples, and per prompt
+            res["ablation"].update(n_samples=self.cfg.n_samples, asr_per_prompt_before=ab.asr_before.get("per_prompt"),
+                                   asr_per_prompt_after=ab.asr_after["per_prompt"])
         gt = self._ground_truth()
         if gt is not None:
             planted = [head_label(h) for h in gt.planted_suppression_heads]
@@ -673,11 +716,38 @@ class Run:
             seconds=seconds,
             seeds={"run": self.cfg.seed, "generation": self.cfg.seed, "probe_split": self.cfg.seed,
                    "random_heads": self.cfg.seed},
+            sampling={"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "n_samples": self.cfg.n_samples,
+                      "seed": self.cfg.seed, "greedy": self.cfg.temperature == 0,
+                      "seeds": "per sample: SeedSequence([seed, prompt index, sample, phase]), independent of batching "
+                               "(mechcliff.generation.Sampling)"},
             model_source=model_source(self.cfg.model, self.cfg.adapter),
             conformance=(h.conformance.to_dict() if h is not None and h.conformance
                          else {"skipped": True} if h is not None else old.get("conformance")),
             stage_seconds={**old.get("stage_seconds", {}), **self.stages.seconds},
+            **({"rollouts_source": self._rollouts_sources()} if self.cfg.rollouts else {}),
         )
+
+    def _rollouts_sources(self) -> dict[str, dict[str, Any]]:
+        """Where each imported group's rollouts come from: the file the run read, how many it used, and (when
+        ``mechcliff import-rollouts`` wrote the file) the file it was imported from, its format and the report."""
+        from mechcliff.rollout_import import IMPORT_REPORT
+
+        out: dict[str, dict[str, Any]] = {}
+        for g, f in self.cfg.rollouts.items():
+            entry: dict[str, Any] = {"file": f, "n": len((self._imported or {}).get(g, []))}
+            report = Path(f).resolve().parent.parent / IMPORT_REPORT  # RUN/rollouts/<group>.jsonl -> RUN/import_report.json
+            try:
+                doc = json.loads(report.read_text(encoding="utf-8"))
+                imports = [e for e in doc.get("imports", []) if isinstance(e, dict)]
+            except (OSError, ValueError, AttributeError):
+                imports = []
+            for e in reversed(imports):  # the latest import that wrote this file
+                if any(Path(x).resolve() == Path(f).resolve() for x in (e.get("files") or {}).values()):
+                    entry.update(imported_from=e.get("source"), format=e.get("format"), formats=e.get("formats"),
+                                 import_report=str(report))
+                    break
+            out[g] = entry
+        return out
 
 
 def run_pipeline(model: str = "organism", out: str | Path = "runs/demo", *, config: RunConfig | None = None,

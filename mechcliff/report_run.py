@@ -58,6 +58,9 @@ def write_run_report(run_dir: str | Path, *, results: dict[str, Any], probe: Any
         ("ASR before / after / random heads", f"{fmt(ab['asr_before'])} / {fmt(ab['asr_after'])} / {fmt(ab['asr_random_heads'])}"),
         ("harmless refusal before / after", f"{fmt(ab['harmless_refusal_before'])} / {fmt(ab['harmless_refusal_after'])}"),
     ]
+    if ab.get("baseline_generated"):
+        summary.append(("imported rollouts", f"{', '.join(ab['baseline_generated'])}: probe, trace and attribution read the "
+                        "imported text; the ASR 'before' is the model's own generation of those prompts"))
     if "organism" in results:
         summary.append(("planted heads (ground truth)", ", ".join(results["organism"]["planted_suppression_heads"])
                         + ("  — recovered" if results["organism"]["recovered_top_k"] else "  — NOT recovered")))

@@ -88,7 +88,7 @@ class Skipped:
 class ImportReport:
     """What :func:`import_rollouts` read: counts, the records it skipped and why, the think format it split at."""
 
-    source: str
+    source: str  # the file read, as an absolute path
     format: str
     think_format: dict[str, str]
     n_records: int = 0
@@ -465,7 +465,7 @@ def import_rollouts(path: str | os.PathLike[str], *, format: str = "auto", group
     if limit is not None:
         records = [r for r in records if r[0] < limit]
         bad = [b for b in bad if b.record < limit]
-    report = ImportReport(source=str(p), format=format, think_format=fmt.to_dict(), limit=limit,
+    report = ImportReport(source=str(p.resolve()), format=format, think_format=fmt.to_dict(), limit=limit,
                           n_records=len(records) + len(bad), skipped=list(bad))
     rollouts: list[Rollout] = []
     formats: Counter[str] = Counter()

@@ -61,9 +61,10 @@ def cmd_import_rollouts(args: argparse.Namespace) -> int:
     every = json.loads((Path(args.out) / IMPORT_REPORT).read_text(encoding="utf-8"))["rollouts"]  # this and earlier
     flags = " ".join(f"--rollouts {g}={f}" for g, f in every.items())
     missing = [g for g in ("harmless", "harmful") if g not in every]
-    print(f"next: mechcliff run --model MODEL --out {args.out} {flags}"
-          + (f"  (first import the {' and '.join(missing)} group the same way: the run needs a 'harmless' and a "
-             "'harmful' group)" if missing else ""))
+    gen = " ".join(f"--prompts {g}=FILE" for g in missing)
+    print(f"next: mechcliff run --model MODEL --out {args.out} {flags}" + (f" {gen}" if gen else "")
+          + (f"  (the run needs a 'harmless' and a 'harmful' group: generate the {' and '.join(missing)} one from a "
+             "prompt file (FILE; 'builtin' is the built-in set), or import its rollouts the same way)" if missing else ""))
     return 0
 
 
