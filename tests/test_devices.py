@@ -27,7 +27,7 @@ pytestmark = pytest.mark.organism
 def moves(organism, monkeypatch):
     """Record every tensor handed to the model; ``to_device`` hands out fresh (marked) copies."""
     moved: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive so that ids are not reused)
-    seen: dict[str, list[bool]] = {"forward": [], "generate": []}
+    seen: dict[str, list[bool]] = {"forward": [], "generate": [], "plain": []}
     real_to_device = capture_module.to_device
 
     def marking_to_device(handle, t):
@@ -52,6 +52,14 @@ def moves(organism, monkeypatch):
         seen["generate"].append(marked(input_ids, attention_mask))
         return real_generate(input_ids, *args, attention_mask=attention_mask, **kwargs)
 
+    base = hf.base_model
+    real_base_forward = base.forward
+
+    def base_forward(*args, **kwargs):  # the fast reading path (mechcliff.model.plain): bridge components swapped out
+        if type(base.layers[0]).__name__ != "BlockBridge":
+            seen["plain"].append(marked(kwargs.get("input_ids"), kwargs.get("attention_mask")))
+        return real_base_forward(*args, **kwargs)
+
     import sys
 
     for name, module in list(sys.modules.items()):  # every module that imported the function by name
@@ -59,6 +67,7 @@ def moves(organism, monkeypatch):
             monkeypatch.setattr(module, "to_device", marking_to_device)
     monkeypatch.setattr(bridge, "forward", forward)
     monkeypatch.setattr(hf, "generate", generate)
+    monkeypatch.setattr(base, "forward", base_forward)
     return seen
 
 
@@ -73,8 +82,9 @@ def test_the_whole_path_moves_its_inputs_once(organism, organism_batch, organism
     with intervene(organism, ["L1H0"], mode="zero"):
         generate_rollouts(organism, builtin[:4], max_think_tokens=4, max_answer_tokens=4, progress=False)
 
-    assert len(moves["forward"]) >= 5 and len(moves["generate"]) >= 1
+    assert len(moves["forward"]) >= 5 and len(moves["generate"]) >= 1 and len(moves["plain"]) >= 3
     assert all(moves["forward"]), f"{moves['forward'].count(False)} forward pass(es) got inputs not moved by to_device"
+    assert all(moves["plain"]), f"{moves['plain'].count(False)} plain forward(s) got inputs not moved by to_device"
     assert all(moves["generate"]), "generate got inputs not moved by to_device"
 
 

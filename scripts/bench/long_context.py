@@ -3,11 +3,15 @@
     python scripts/bench/long_context.py [--model smollm2-135m-instruct] [--lengths 512,1024,2048,4096] [--json]
 
 For each length T, one row of T tokens (random ids; the cost does not depend on the text) is run by each step in
-its own subprocess, which reports the step's time and the extra peak resident memory it needed above the loaded
-model:
+its own subprocess, which reports the step's time (the fastest of ``--repeats`` runs, after a short warm-up) and the
+extra peak resident memory it needed above the loaded model (the peak is reset before each run):
 
-* ``hf``: the plain Hugging Face forward (the model's own sdpa attention, no bridge, no hooks);
-* ``forward``: a bare forward pass through the TransformerBridge (what every analysis runs on);
+* ``hf``: the plain Hugging Face forward (the model's own sdpa attention, no bridge, no hooks), logits included;
+* ``hf_body``: the same without the unembedding (the decoder stack alone: the floor of any activation read);
+* ``forward``: a bare forward pass through the TransformerBridge (its own attention, which materialises the scores);
+The analyses load the model as users do (conformance check included), so they read activations on the fast path
+(:mod:`mechcliff.model.plain`) wherever the check verified it; ``--bridge`` reads everything through the bridge:
+
 * ``trace``: :func:`mechcliff.trace.trace_refusal` (probe score at every token) with a probe at the last layer;
 * ``attribution``: :func:`mechcliff.attribution.direct_probe_attribution` at the last token;
 * ``patching``: :func:`mechcliff.patching.patch_heads` of every head for one pair (``--patching-lengths``).
@@ -31,11 +35,33 @@ import sys
 import time
 import warnings
 
-STEPS = ("hf", "forward", "trace", "attribution", "patching")
+STEPS = ("hf", "hf_body", "forward", "trace", "attribution", "patching")
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> float:
+    """Reset the peak resident memory to the current one (Linux: ``clear_refs`` 5); returns the current RSS (MB).
+    Without it the peak of loading the model (and of its conformance check) would hide the step's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -45,16 +71,19 @@ def worker(args: argparse.Namespace) -> None:
 
     from mechcliff.chat import EncodedBatch
     from mechcliff.model.loading import load_hf_model, load_model
+    from mechcliff.model.plain import verified_sites
     from mechcliff.probe import LinearProbe
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     T = args.tokens
-    if args.step == "hf":
+    if args.step in ("hf", "hf_body"):
         hf, *_ = load_hf_model(args.model)
         vocab = hf.config.vocab_size
     else:
-        h = load_model(args.model, check=False)
+        h = load_model(args.model, check=True)
+        if args.bridge:
+            h.extra["fast_reads"] = False
         vocab = h.hf_model.config.vocab_size
     tokens = torch.randint(10, vocab, (1, T), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
@@ -64,6 +93,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.step == "hf":
         def run() -> None:
             hf(input_ids=tokens, attention_mask=mask)
+    elif args.step == "hf_body":
+        def run() -> None:
+            hf.base_model(input_ids=tokens, attention_mask=mask, use_cache=False)
     else:
         from mechcliff.attribution import direct_probe_attribution
         from mechcliff.model.capture import forward
@@ -92,17 +124,27 @@ def worker(args: argparse.Namespace) -> None:
         batch = EncodedBatch(tokens=tokens, attention_mask=mask, spans=[short], has_think_close=[True], pad_lengths=[0])
         run()
         tokens, mask, batch = full, full_mask, full_batch
-    base = peak_rss_mb()
-    t = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "peak_mb": max(0.0, peak_rss_mb() - base),
-                      "heads": None if args.step == "hf" else h.n_layers * h.n_heads}))
+    import gc
+
+    seconds, peak = float("inf"), 0.0
+    for _ in range(args.repeats if warm else 1):  # the fastest of a few runs: a busy machine only slows one down
+        gc.collect()
+        base = reset_peak()
+        t = time.perf_counter()
+        run()
+        seconds = min(seconds, time.perf_counter() - t)
+        peak = max(peak, peak_rss_mb() - base)
+    hf_step = args.step in ("hf", "hf_body")
+    print(json.dumps({"seconds": seconds, "peak_mb": max(0.0, peak),
+                      "heads": None if hf_step else h.n_layers * h.n_heads,
+                      "plain_sites": None if hf_step else len(verified_sites(h))}))
 
 
-def measure(model: str, step: str, tokens: int, threads: int) -> dict[str, float]:
+def measure(model: str, step: str, tokens: int, threads: int, bridge: bool = False, repeats: int = 3
+            ) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--worker", step, "--model", model, "--tokens", str(tokens),
-                          "--threads", str(threads)], capture_output=True, text=True)
+                          "--threads", str(threads), "--repeats", str(repeats), *(["--bridge"] if bridge else [])],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{step} at {tokens} tokens failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,7 +163,10 @@ def main() -> None:
     ap.add_argument("--patching-lengths", default="512,1024",
                     help="lengths at which head patching (every head, one pair) is also timed (default 512,1024)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per step (the fastest is reported; head patching runs once; default 3)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--bridge", action="store_true", help="read every activation through the bridge (the slow path)")
     ap.add_argument("--worker", default=None, choices=STEPS, dest="step", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, default=512, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,13 +183,16 @@ def main() -> None:
         for step in STEPS:
             if step == "patching" and T not in patch_at:
                 continue
-            r[step] = measure(args.model, step, T, args.threads)
+            r[step] = measure(args.model, step, T, args.threads, args.bridge, args.repeats)
         fwd, hf = r["forward"], r["hf"]
         for step, m in r.items():
             print(f"{T:7d} {step:>12} {m['seconds']:9.2f} {m['peak_mb']:9.1f} {m['seconds'] / fwd['seconds']:9.2f} "
                   f"{m['seconds'] / hf['seconds']:8.2f} {m['peak_mb'] / max(fwd['peak_mb'], 1.0):8.2f} "
                   f"{m['peak_mb'] / max(hf['peak_mb'], 1.0):7.2f}")
-    exps = {s: slope(lengths, [rows[T][s]["seconds"] for T in lengths]) for s in ("hf", "forward", "trace", "attribution")}
+    exps = {s: slope(lengths, [rows[T][s]["seconds"] for T in lengths])
+            for s in ("hf", "hf_body", "forward", "trace", "attribution")}
+    sites = {rows[T][s].get("plain_sites") for T in lengths for s in ("trace", "attribution")}
+    print(f"activations read on the plain HF model: {'no (--bridge)' if args.bridge else sites} sites verified")
     print("time exponent in T: " + ", ".join(f"{s} {e:.2f}" for s, e in exps.items())
           + " (attention is quadratic: the forward's own exponent is the floor)")
     patch_rows = [(T, rows[T]["patching"]) for T in lengths if "patching" in rows[T]]
@@ -160,7 +208,8 @@ def main() -> None:
             "trace_time_ratio": worst("trace", "forward"), "attribution_time_ratio": worst("attribution", "forward"),
             "peak_memory_ratio": max(worst(s, "forward", "peak_mb") for s in ("trace", "attribution")),
             "time_exponent": max(exps["trace"], exps["attribution"]), "forward_exponent": exps["forward"],
-            "hf_exponent": exps["hf"],
+            "hf_exponent": exps["hf"], "hf_body_exponent": exps["hf_body"],
+            "trace_vs_hf_body": worst("trace", "hf_body"), "attribution_vs_hf_body": worst("attribution", "hf_body"),
             "trace_vs_hf": worst("trace", "hf"), "attribution_vs_hf": worst("attribution", "hf"),
             "memory_vs_hf": max(worst(s, "hf", "peak_mb") for s in ("trace", "attribution")),
             "patching_per_head_vs_hf": max((m["seconds"] / m["heads"] / rows[T]["hf"]["seconds"] for T, m in patch_rows),
