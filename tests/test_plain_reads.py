@@ -14,6 +14,8 @@ from mechcliff.errors import MechcliffError
 from mechcliff.model import plain
 from mechcliff.model.capture import act_name, capture
 
+pytestmark = pytest.mark.exactness  # also run by the canary on the newest releases (make test-latest)
+
 KINDS = ("llama_gqa", "qwen2", "qwen3", "gemma3")
 
 
@@ -216,3 +218,19 @@ def test_probe_trace_and_attribution_agree_across_paths(monkeypatch, organism, o
     np.testing.assert_allclose(fast_attr.logit, slow_attr.logit, atol=1e-4, rtol=1e-5)
     np.testing.assert_array_equal(fast_trace.offsets, slow_trace.offsets)
     np.testing.assert_allclose(fast_trace.scores_flat, slow_trace.scores_flat, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.unit
+def test_the_plain_path_keeps_a_fast_attention_the_model_was_loaded_with():
+    from types import SimpleNamespace
+
+    def model(impl, sdpa=True, loaded_with=None):
+        m = SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl), _supports_sdpa=sdpa)
+        if loaded_with:
+            m._mechcliff_fast_attention = loaded_with  # remembered when the load switched it to eager
+        return m
+
+    assert plain.fast_attention(model("eager", loaded_with="flash_attention_2")) == "flash_attention_2"
+    assert plain.fast_attention(model("eager", loaded_with="sdpa")) == "sdpa"
+    assert plain.fast_attention(model("eager")) == "sdpa"
+    assert plain.fast_attention(model("eager", sdpa=False)) == "eager"  # no fast kernel: the model's own eager

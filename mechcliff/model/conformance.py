@@ -188,7 +188,9 @@ def _greedy(hf_model: Any, tokens: torch.Tensor, mask: torch.Tensor, pad_id: int
 @torch.no_grad()
 def hf_reference(hf_model: Any, tokenizer: Any) -> HFReference:
     """Run the check batch through the unwrapped model (eager attention, as the bridge will run) and keep the outputs."""
-    if getattr(hf_model.config, "_attn_implementation", "eager") != "eager" and hasattr(hf_model, "set_attn_implementation"):
+    current = getattr(hf_model.config, "_attn_implementation", "eager")
+    if current != "eager" and hasattr(hf_model, "set_attn_implementation"):
+        hf_model._mechcliff_fast_attention = current  # the plain reading path runs it (mechcliff.model.plain)
         hf_model.set_attn_implementation("eager")  # the boot forces eager anyway; compare like with like
     from mechcliff.model.handle import input_device
 

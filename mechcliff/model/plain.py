@@ -71,10 +71,11 @@ def _bridge_swaps(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, to
 
 
 def fast_attention(hf_model: Any) -> str:
-    """The attention implementation the plain path runs: the model's own when it is already a fast one (a model
-    loaded with ``attn_implementation="flash_attention_2"``), else ``"sdpa"`` where the model supports it, else
-    ``"eager"``."""
-    current = getattr(hf_model.config, "_attn_implementation", None) or "eager"
+    """The attention implementation the plain path runs: the model's own when it was loaded with a fast one
+    (``attn_implementation="flash_attention_2"``; the load switches the model to eager for the bridge and remembers
+    it), else ``"sdpa"`` where the model supports it, else ``"eager"``."""
+    current = (getattr(hf_model, "_mechcliff_fast_attention", None)
+               or getattr(hf_model.config, "_attn_implementation", None) or "eager")
     if current in FAST_ATTENTION:
         return str(current)
     return "sdpa" if getattr(hf_model, "_supports_sdpa", False) else str(current)
