@@ -372,8 +372,8 @@ def compare_modes(
     judge: Any = None,
     label_source: str = "auto",
     plateau: str = "mean",
-    max_think_tokens: int = 48,
-    max_answer_tokens: int = 32,
+    max_think_tokens: int | None = None,
+    max_answer_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int = 16,
@@ -385,11 +385,16 @@ def compare_modes(
     ``harmful_prompts`` keep their own ``group`` (e.g. ``harmful`` and ``harmful_jailbreak``; ``harmful`` when
     unset); ``harmless_prompts`` are the group ``harmless``. ``probe``: a :class:`~mechcliff.probe.LinearProbe` of
     this model, or None to fit one on the thinking-on rollouts. The returned result also carries ``.rollouts``,
-    ``.traces`` (a :class:`~mechcliff.trace.RefusalTrace` per mode) and ``.probe`` (not saved with it)."""
+    ``.traces`` (a :class:`~mechcliff.trace.RefusalTrace` per mode) and ``.probe`` (not saved with it).
+    ``max_think_tokens`` / ``max_answer_tokens``: None = 4,096 / 512 on real models, 48 / 32 on the organisms
+    (:func:`mechcliff.model.presets.generation_budgets`)."""
     from mechcliff.asr import refusal_flags
     from mechcliff.judges import get_judge
     from mechcliff.trace import trace_refusal
 
+    from mechcliff.model.presets import generation_budgets
+
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(48, 32))
     check_no_think_format(handle, no_think_format)
     harmful = _as_prompts(harmful_prompts, "harmful")
     harmless = _as_prompts(harmless_prompts, "harmless")

@@ -275,16 +275,20 @@ def critical_neurons(
     thinking: bool = True,
     judge: Any = None,
     intent: dict[str, str] | None = None,
-    max_think_tokens: int = 48,
-    max_answer_tokens: int = 32,
+    max_think_tokens: int | None = None,
+    max_answer_tokens: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> CriticalNeurons:
     """Identify safety-critical neurons (module docstring). ``counterfactuals[k]`` pairs with
     ``harmful_prompts[k]`` (default: :func:`counterfactual_prompts`). ``m``: top neurons per pair (default
-    :func:`default_m`)."""
+    :func:`default_m`). ``max_think_tokens`` / ``max_answer_tokens``: None = 4,096 / 512 on real models, 48 / 32 on
+    the organisms (:func:`mechcliff.model.presets.generation_budgets`)."""
     from mechcliff.asr import refusal_flags
+    from mechcliff.model.presets import generation_budgets
+
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(48, 32))
     from mechcliff.generation import encode_rollouts, generate_rollouts
     from mechcliff.judges import get_judge
 

@@ -376,8 +376,8 @@ def refusal_heads(
     top_k: int | None = None,
     n_random: int = 3,
     seed: int = 0,
-    max_think_tokens: int = 48,
-    max_answer_tokens: int = 32,
+    max_think_tokens: int | None = None,
+    max_answer_tokens: int | None = None,
     batch_size: int = 16,
     label_source: str = "auto",
     progress: bool = True,
@@ -389,10 +389,14 @@ def refusal_heads(
     ``thinking_rollouts``: thinking-on rollouts of ``harmful_prompts`` (same order), else generated. ``probe``: a
     probe of this model; without one, and with ``harmless_prompts``, one is fitted on thinking-off rollouts at the
     between-tags token (behaviour labels when possible, as the paper's refusal-vs-fulfilment probe; else harmful vs
-    harmless). Without either, the ablation is skipped (``ablation=None``)."""
+    harmless). Without either, the ablation is skipped (``ablation=None``). ``max_think_tokens`` /
+    ``max_answer_tokens``: None = 4,096 / 512 on real models, 48 / 32 on the organisms
+    (:func:`mechcliff.model.presets.generation_budgets`)."""
+    from mechcliff.model.presets import generation_budgets
     from mechcliff.modes import (check_no_think_format, encode_mode, encode_prompts_mode, fit_rollout_probe,
                                  generate_mode_rollouts)
 
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(48, 32))
     check_no_think_format(handle, no_think_format)
     if no_think_format == "omit":
         raise MechcliffError("refusal heads need a thinking block in the thinking-off prompt; use no_think_format "

@@ -304,7 +304,7 @@ def safety_layers(
 
 def prepare_groups(
     handle: ModelHandle, safe_prompts: Sequence[Any], unsafe_prompts: Sequence[Any], *, thinking: bool = True,
-    max_think_tokens: int = 64, max_answer_tokens: int = 16, seed: int = 0, batch_size: int = 16,
+    max_think_tokens: int | None = None, max_answer_tokens: int | None = None, seed: int = 0, batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[Any, Any, list[Any]]:
     """Generate rollouts (thinking on or off) for both prompt groups and encode them: ``(safe, unsafe, rollouts)``.
@@ -312,9 +312,13 @@ def prepare_groups(
     Thinking on: the model writes its thinking, which is read (prompt + thinking + closing template). Thinking off:
     ``enable_thinking=False`` (templates that know it, e.g. Qwen3 or the organism, write an empty think block;
     others get no thinking block) and the text read is the prompt's template up to the answer.
+    ``max_think_tokens`` / ``max_answer_tokens``: None = 4,096 / 512 on real models, 64 / 16 on the organisms
+    (:func:`mechcliff.model.presets.generation_budgets`).
     """
     from mechcliff.generation import encode_rollouts, generate_rollouts
+    from mechcliff.model.presets import generation_budgets
 
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(64, 16))
     if not safe_prompts:
         raise MechcliffError("the safe (harmless) prompt group is empty")
     if not unsafe_prompts:

@@ -109,3 +109,47 @@ def test_generate_rollouts_default_on_a_real_model_is_reasoning_scale(tiny_hf):
     capped = rolls[0].meta["context_capped"]
     assert capped["prompt_tokens"] + capped["max_think_tokens"] + capped["max_answer_tokens"] == 64
     assert capped["max_answer_tokens"] > ORGANISM_BUDGETS[1]  # not the organism's 48
+
+
+@pytest.mark.unit
+def test_the_studies_keep_their_own_short_budgets_on_the_organisms():
+    """compare-modes, refusal heads, neurons (48 / 32) and the CoT studies (64 / 16) keep their organism budgets;
+    real models get reasoning-scale ones; given budgets win."""
+    for model in ORGANISMS:
+        assert generation_budgets(model, short=(48, 32)) == (48, 32)
+        assert generation_budgets(model, short=(64, 16)) == (64, 16)
+    for model in REAL:
+        assert generation_budgets(model, short=(48, 32)) == (4096, 512)
+    assert generation_budgets("organism", 7, None, short=(48, 32)) == (7, 32)
+
+
+@pytest.mark.unit
+def test_the_study_commands_say_their_defaults(capsys):
+    from mechcliff.cli import main
+
+    for command, think in (("compare-modes", "48"), ("refusal-heads", "48"), ("neurons", "48"),
+                           ("safety-layers", "64"), ("spectral", "64")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "4096 on real models" in text and f"{think} on the organisms" in text, command
+
+
+@pytest.mark.organism
+def test_a_study_on_a_real_model_asks_for_reasoning_scale_budgets(monkeypatch, organism, builtin):
+    """The study functions resolve their None budgets through the model's preset before generating."""
+    import mechcliff.generation as generation
+    from mechcliff.safety_layers import prepare_groups
+
+    seen = []
+
+    def fake(handle, prompts, **kw):
+        seen.append((kw["max_think_tokens"], kw["max_answer_tokens"]))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(generation, "generate_rollouts", fake)
+    for name, want in (("organism", (64, 16)), ("some-real-model", (4096, 512))):
+        monkeypatch.setattr(organism, "model_id", name)
+        with pytest.raises(RuntimeError, match="stop"):
+            prepare_groups(organism, builtin[:1], builtin[:1])
+        assert seen[-1] == want

@@ -29,7 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position", default="think_end",
                    help="token whose hidden state / up to which attention is read: think_end (default: last token "
                    "before the answer), last, prompt_end, think_close")
-    p.add_argument("--max-think-tokens", type=int, default=64, help="thinking budget per rollout, in tokens (default 64)")
+    p.add_argument("--max-think-tokens", type=int, default=None,
+                   help="thinking budget per rollout, in tokens (default: 4096 on real models, 64 on the organisms)")
     p.add_argument("--seed", type=int, default=0, help="seed for generation (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -106,6 +107,13 @@ def parse_size(spec: Any) -> int | None:
 # --------------------------------------------------------------------------- commands
 
 
+def _think_budget(handle: Any, args: argparse.Namespace) -> int:
+    """The thinking budget the rollouts ran with (``--max-think-tokens``, else the model's default)."""
+    from mechcliff.model.presets import generation_budgets
+
+    return generation_budgets(handle, args.max_think_tokens, None, short=(64, 16))[0]
+
+
 def cmd_safety_layers(args: argparse.Namespace) -> int:
     """``mechcliff safety-layers``: generate rollouts for safe vs unsafe prompts, localise, save, print where."""
     from mechcliff.model.loading import load_model
@@ -120,7 +128,7 @@ def cmd_safety_layers(args: argparse.Namespace) -> int:
                                      progress=not args.no_progress)
     res = safety_layers(handle, safe, unsafe, window=args.window, position=args.position, seed=args.seed,
                         drop_last=args.drop_last,
-                        meta={"thinking": args.thinking, "max_think_tokens": args.max_think_tokens})
+                        meta={"thinking": args.thinking, "max_think_tokens": _think_budget(handle, args)})
     path, html = write_result(res, args.out, "safety_layers")
     sl = res.safety_layers
     print(f"{handle.model_id}, thinking {args.thinking}: {res.n_safe} safe vs {res.n_unsafe} unsafe texts")
@@ -145,7 +153,7 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     safe, unsafe, _ = prepare_groups(handle, safe_p, unsafe_p, thinking=thinking,
                                      max_think_tokens=args.max_think_tokens, seed=args.seed,
                                      progress=not args.no_progress)
-    meta = {"thinking": args.thinking, "max_think_tokens": args.max_think_tokens}
+    meta = {"thinking": args.thinking, "max_think_tokens": _think_budget(handle, args)}
     if size is not None:
         lengths = [int(b.require(args.position, "the requested position")[i]) - b.pad_lengths[i] + 1 for b in (safe, unsafe)
                    for i in range(len(b))]

@@ -27,8 +27,10 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, harmless: bool = 
                    "built-in set)")
     if harmless:
         p.add_argument("--harmless", default=None, help="harmless prompt file (default: the built-in set)")
-    p.add_argument("--max-think-tokens", type=int, default=48, help="thinking budget per rollout, in tokens (default 48)")
-    p.add_argument("--max-answer-tokens", type=int, default=32, help="answer budget per rollout, in tokens (default 32)")
+    p.add_argument("--max-think-tokens", type=int, default=None,
+                   help="thinking budget per rollout, in tokens (default: 4096 on real models, 48 on the organisms)")
+    p.add_argument("--max-answer-tokens", type=int, default=None,
+                   help="answer budget per rollout, in tokens (default: 512 on real models, 32 on the organisms)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass and generation batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for generation and random controls (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -125,7 +127,7 @@ def _prompts(path: str | None, groups: tuple[str, ...], n: int | None, group: st
 
 def _gen(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("max_think_tokens", "max_answer_tokens"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise MechcliffError(f"--{name.replace('_', '-')} must be >= 0")
     if args.batch_size < 1:
         raise MechcliffError("--batch-size must be at least 1")
@@ -284,6 +286,10 @@ def cmd_ras(args: argparse.Namespace) -> int:
                  else list(REASONING_PROMPTS[:args.n] if args.n else REASONING_PROMPTS))
     base = load(args.base)
     gen = _gen(args)
+    from mechcliff.model.presets import generation_budgets
+
+    gen["max_think_tokens"], gen["max_answer_tokens"] = generation_budgets(  # as the neurons stage resolves them
+        base, gen["max_think_tokens"], gen["max_answer_tokens"], short=(48, 32))
     paths = []
     if args.neurons:
         cn = load_saved(args.neurons)

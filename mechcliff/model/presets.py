@@ -83,14 +83,17 @@ def preset(model: str) -> ModelPreset:
 
 
 def generation_budgets(model: Any, max_think_tokens: int | None = None,
-                       max_answer_tokens: int | None = None) -> tuple[int, int]:
+                       max_answer_tokens: int | None = None, *, short: tuple[int, int] | None = None) -> tuple[int, int]:
     """``(max_think_tokens, max_answer_tokens)``: the given ones, a ``None`` replaced by the budget of ``model``'s
-    preset (``ModelPreset.budgets``: 64 / 48 on the organisms, 4,096 / 512 on any other model). ``model`` is a model
-    name or a loaded model (its ``model_id``; a copy with heads folded into its weights, :mod:`mechcliff.folding`,
-    has the budgets of the model it was folded from)."""
+    preset (``ModelPreset.budgets``: 64 / 48 on the organisms, 4,096 / 512 on any other model; ``short``: a study's
+    own short budgets, used instead of the preset's on a model with short ones, so that its organism results stay
+    as they were). ``model`` is a model name or a loaded model (its ``model_id``; a copy with heads folded into its
+    weights, :mod:`mechcliff.folding`, has the budgets of the model it was folded from)."""
     if model is not None and not isinstance(model, str):
         folded = (getattr(model, "extra", None) or {}).get("folded") or {}
         model = folded.get("source_model") or getattr(model, "model_id", None)
     think, answer = preset(model if isinstance(model, str) else "").budgets
+    if short is not None and (think, answer) != DEFAULT.budgets:
+        think, answer = short
     return (think if max_think_tokens is None else max_think_tokens,
             answer if max_answer_tokens is None else max_answer_tokens)
