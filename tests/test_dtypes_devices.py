@@ -88,6 +88,10 @@ def test_offloaded_load_gives_the_plain_numbers(organism, organism_batch, organi
     h = load_model("organism", device_map=device_map, offload_folder=tmp_path / "offload")
     assert any(tmp_path.joinpath("offload").iterdir())  # some layers really are on the disk
     assert h.device == torch.device("cpu") and h.describe()["device_map"]["model.layers.3"] == "disk"
+    from mechcliff.model.capture import act_name
+    from mechcliff.model.plain import verified_sites
+
+    assert act_name("z", n - 1) in verified_sites(h)  # the reads below run on the plain path, offloaded layers too
     assert h.model_hash == organism.model_hash  # fingerprinted before the offload
     assert torch.equal(h.W_O(n - 1).cpu(), organism.W_O(n - 1).cpu())  # read back from the offload folder
 

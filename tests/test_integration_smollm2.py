@@ -157,3 +157,45 @@ def test_lora_repair_on_smollm2_cpu(smol, tmp_path):
     assert refusal_logprob(repaired) > refusal_logprob(smol) + 1.0
     print(f"SmolLM2 LoRA: {len(res.losses)} steps in {seconds:.1f} s, adapter {size / 1e6:.2f} MB, "
           f"loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}")
+
+
+def test_bfloat16_path_holds_its_invariants(smol, device):
+    """SmolLM2 in bfloat16 (issue 15): probe -> trace -> attribution -> patching -> ablation run, with the invariants
+    to the bfloat16 tolerance; the float32 load's fingerprint (so its probes) is accepted."""
+    from mechcliff import encode, load_model
+    from mechcliff.attribution import direct_probe_attribution
+    from mechcliff.interventions import intervene
+    from mechcliff.model.conformance import TOLERANCES
+    from mechcliff.model.plain import verified_sites
+    from mechcliff.patching import patch_heads, patch_heads_reference
+    from mechcliff.probe import LinearProbe
+    from mechcliff.trace import trace_refusal
+
+    tol = TOLERANCES["bfloat16"]
+    h = load_model("smollm2-135m-instruct", dtype="bfloat16", device=device)
+    assert h.dtype == torch.bfloat16 and h.conformance.passed, h.conformance.summary()
+    assert h.model_hash == smol.model_hash and len(verified_sites(h)) == len(verified_sites(smol))
+    harmful, harmless = _prompts(4)
+    texts = harmful + harmless
+    batch = encode(h, texts, thinking=["The user asks something. Let me think about it."] * len(texts))
+    w = np.random.default_rng(0).standard_normal(h.d_model)
+    probe = LinearProbe(w=w / np.linalg.norm(w), b=0.1, layer=20, model_id=smol.model_id, model_hash=smol.model_hash)
+    probe.check_model(h)
+
+    trace = trace_refusal(h, batch, probe)
+    assert np.isfinite(trace.scores_flat).all()
+    attr = direct_probe_attribution(h, batch, probe)
+    scale = max(float(np.abs(attr.logit).max()), 1.0)
+    assert attr.dtype == "bfloat16" and not attr.exact and attr.max_abs_error <= tol * scale, (attr.max_abs_error, scale)
+
+    heads = ["L3H0", "L10H4", "L19H8"]
+    fast = patch_heads(h, batch[:4], batch[4:], probe, heads=heads)
+    ref = patch_heads_reference(h, batch[:4], batch[4:], probe, heads=heads)
+    pscale = max(float(np.nanmax(np.abs(ref.per_example))), 1.0)
+    assert float(np.nanmax(np.abs(fast.per_example - ref.per_example))) <= tol * pscale
+
+    clean = trace.scores_flat
+    with intervene(h, heads[:2], mode="scale_z", gamma=1.0):
+        assert np.array_equal(trace_refusal(h, batch, probe).scores_flat, clean)  # gamma = 1 is a no-op
+    with intervene(h, heads[:2], mode="zero"):
+        assert np.abs(trace_refusal(h, batch, probe).scores_flat - clean).max() > 0.0
