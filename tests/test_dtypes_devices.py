@@ -104,6 +104,17 @@ def test_offloaded_load_gives_the_plain_numbers(organism, organism_batch, organi
     assert y.exact and y.max_abs_error < 1e-4
 
 
+def test_an_offloaded_bf16_load_has_the_float32_fingerprint(organism, tmp_path):
+    """Offloading replaces the offloaded tensors (they go to the meta device, their values to the disk in the
+    load's dtype): the fingerprint keeps the values sampled before the cast, keyed by name, not by tensor id."""
+    n = organism.n_layers
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": ("cpu" if i < n // 2 else "disk") for i in range(n)}
+    h = load_model("organism", dtype="bfloat16", device_map=device_map, offload_folder=tmp_path, check=False)
+    assert h.dtype == torch.bfloat16 and h.describe()["device_map"]["model.layers.3"] == "disk"
+    assert h.model_hash == organism.model_hash
+
+
 def test_a_checkpoint_loaded_in_bf16_has_the_float32_fingerprint(tmp_path):
     """A folder loaded by Hugging Face straight into bfloat16 (and onto an offloading map) is fingerprinted from
     its files, so it matches the float32 load."""

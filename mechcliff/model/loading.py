@@ -172,11 +172,12 @@ def _sample(flat: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat[:64], flat[-64:], flat[:: max(1, flat.numel() // 256)]]).float().cpu()
 
 
-def weight_samples(model: torch.nn.Module, checkpoint: Path | None = None) -> dict[int, torch.Tensor]:
-    """The values :func:`weights_fingerprint` hashes, per tensor (keyed by the tensor object's ``id``), as float32:
-    taken now, so that a later dtype cast or bridge boot (which renames the modules) does not change them. With
-    ``checkpoint`` (a folder), each tensor is read from its safetensors files (one at a time; tied weights are
-    stored once); offloaded weights (accelerate's meta device) are read from their offload storage."""
+def weight_samples(model: torch.nn.Module, checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
+    """The values :func:`weights_fingerprint` hashes, per state-dict name of ``model`` (tied names share one), as
+    float32: taken now, so that a later dtype cast or offload does not change them (:func:`samples_by_tensor`
+    carries them over the bridge's renaming). With ``checkpoint`` (a folder), each tensor is read from its
+    safetensors files (one at a time; tied weights are stored once); offloaded weights (accelerate's meta device)
+    are read from their offload storage."""
     files = _checkpoint_tensors(checkpoint)
     state = model.state_dict(keep_vars=True)
     aliases: dict[int, list[str]] = {}
@@ -185,9 +186,9 @@ def weight_samples(model: torch.nn.Module, checkpoint: Path | None = None) -> di
     from safetensors import safe_open
 
     handles: dict[Path, Any] = {}
-    out: dict[int, torch.Tensor] = {}
+    by_tensor: dict[int, torch.Tensor] = {}  # the tensors are alive in ``state`` while this runs: ids are unique
     for name, p in state.items():
-        if id(p) in out:
+        if id(p) in by_tensor:
             continue
         value = None
         for key in aliases[id(p)]:
@@ -200,9 +201,16 @@ def weight_samples(model: torch.nn.Module, checkpoint: Path | None = None) -> di
                 break
         if value is None:
             value = _materialized(model, name, p)
-        out[id(p)] = _sample(value.detach().reshape(-1))
+        by_tensor[id(p)] = _sample(value.detach().reshape(-1))
     handles.clear()
-    return out
+    return {name: by_tensor[id(p)] for name, p in state.items()}
+
+
+def samples_by_tensor(model: torch.nn.Module, samples: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``samples`` (by the state-dict names of ``model`` now) keyed by the ``id`` of each tensor ``model`` holds,
+    so :func:`weights_fingerprint` finds them after the bridge boot renames the modules. Call it on the model as
+    it will be fingerprinted (after any offload, which replaces tensors): an ``id`` names a live tensor only."""
+    return {id(p): samples[name] for name, p in model.state_dict(keep_vars=True).items() if name in samples}
 
 
 def weights_fingerprint(model: torch.nn.Module, checkpoint: Path | None = None,
@@ -210,12 +218,12 @@ def weights_fingerprint(model: torch.nn.Module, checkpoint: Path | None = None,
     """A cheap, deterministic fingerprint of the weights (names, shapes, and a sample of values of each tensor,
     as float32).
 
-    The values are those of the weights *before any dtype cast* (``samples``, from :func:`weight_samples`), so a
+    The values are those of the weights *before any dtype cast* (``samples``, from :func:`samples_by_tensor`), so a
     load in bfloat16 or float16 has the fingerprint of the float32 load of the same weights, which is the
     fingerprint of loads from before dtypes existed: :func:`load_model` samples the float32 model before casting
     it, or the checkpoint's files when Hugging Face loaded it straight into another dtype or onto several devices.
     """
-    samples = samples if samples is not None else weight_samples(model, checkpoint)
+    samples = samples if samples is not None else samples_by_tensor(model, weight_samples(model, checkpoint))
     h = hashlib.sha256()
     for name, p in model.state_dict(keep_vars=True).items():
         sample = samples.get(id(p))
@@ -574,7 +582,7 @@ def load_model(
     if device_map is not None and device not in (None, "cpu"):
         raise MechcliffError(f"give device={device!r} or device_map, not both (a device map names the devices)")
     placement = placement_kwargs(device_map, offload_folder)
-    samples: dict[int, torch.Tensor] | None = None
+    samples: dict[str, torch.Tensor] | None = None
     if model is not None:
         if tokenizer is None:
             raise MechcliffError("load_model(model=...) also needs tokenizer=...")
@@ -599,6 +607,7 @@ def load_model(
     if samples is None:
         samples = weight_samples(hf)  # before the cast below: the same for every dtype
     hf = _place(hf, dt, device or "cpu", placement).eval()
+    by_tensor = samples_by_tensor(hf, samples)  # an offload replaced the offloaded tensors: key the ones held now
     extra["dtype"] = dtype_name(dt)
     extra["device_map"] = _device_map_record(hf)
     if not getattr(hf.config, "architectures", None):
@@ -612,7 +621,7 @@ def load_model(
 
         reference = hf_reference(hf, tok)  # before the bridge wraps the HF modules in place
     bridge = _boot_bridge(hf, tok, model_id, dt)
-    hf_hash = weights_fingerprint(hf, samples=samples)  # the bridge's module names, as before dtypes existed
+    hf_hash = weights_fingerprint(hf, samples=by_tensor)  # the bridge's module names, as before dtypes existed
     from mechcliff.model.conformance import has_post_attention_norm
 
     fmt, extra["think_format"] = _think_format(tok, model_id if spec != "organism" else "organism", think)
