@@ -129,6 +129,16 @@ class Sampling:
         return dataclasses.asdict(self)
 
 
+def hashed_sampling(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (generation options by name) as results are keyed by them: ``top_p`` 1 and ``n_samples`` 1 left
+    out, so that keys from before those options still match; a sampled setting (``temperature > 0``) marked as
+    seeded per sample, so that results sampled before (seeded per batch) are not taken for these."""
+    out = {k: v for k, v in settings.items() if not (k in ("top_p", "n_samples") and v == 1)}
+    if out.get("temperature", 0) > 0:
+        out["sampler"] = "per-sample seeds"
+    return out
+
+
 def top_p_mask(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """``scores`` with the tokens outside each row's top-p nucleus set to -inf, as HF's ``TopPLogitsWarper``: sorted
     ascending, a token is dropped when the cumulative probability up to it is ``<= 1 - top_p``; the most likely
@@ -150,9 +160,10 @@ class SeededSampler:
     tokens depend on its own generator and its own logits only.
 
     Why not the Gumbel-max trick (argmax of logits + Gumbel noise, the same distribution): it needs one uniform per
-    vocabulary entry and step, and drawing 16 x 152k of them on the CPU takes ~60 ms per step (measured, one
-    thread), longer than a 7B model's decoding step on a GPU; one uniform per row costs nothing. The cumulative sum runs
-    on the scores' device (float32 on MPS, which has no float64)."""
+    vocabulary entry and step, and drawing 16 x 152k of them (with their Gumbel transform) from CPU generators takes
+    ~24 ms per step (measured here, one thread), of the order of a 7B model's whole decoding step on a GPU; one
+    uniform per row costs nothing. The cumulative sum runs on the scores' device (float32 on MPS, which has no
+    float64)."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float = 1.0):
         if not temperature > 0:
@@ -227,10 +238,10 @@ def _eos_ids(tok) -> list[int]:
 
 
 def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[int], stop_strings: list[str] | None,
-              seed: int = 0, *, top_p: float = 1.0, generators: list[torch.Generator] | None = None):
+              *, top_p: float = 1.0, generators: list[torch.Generator] | None = None):
     """New tokens of ``batch`` (on the CPU). Greedy for ``temperature == 0``; otherwise greedy decoding through
-    :class:`SeededSampler` with one generator per row (``generators``; without them, seeded from ``seed`` and the
-    row's place in the batch)."""
+    :class:`SeededSampler` with one generator per row (``generators``, :meth:`Sampling.generator`). Generation
+    draws no random numbers of its own, so the caller's RNG is untouched."""
     kwargs: dict[str, Any] = dict(
         attention_mask=to_device(handle, batch.attention_mask), max_new_tokens=max_new, eos_token_id=stop_ids,
         pad_token_id=handle.tokenizer.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -239,12 +250,11 @@ def _generate(handle, batch, max_new: int, temperature: float, stop_ids: list[in
         from transformers import LogitsProcessorList
 
         if generators is None:
-            generators = [Sampling(temperature, top_p, 1, seed).generator(j, 0, 0) for j in range(len(batch.tokens))]
+            raise MechcliffError("sampling (temperature > 0) needs a generator per row (Sampling.generator)")
         kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(generators, temperature, top_p)])
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=handle.tokenizer)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
-        torch.manual_seed(seed)
+    with torch.no_grad():
         out = handle.hf_model.generate(to_device(handle, batch.tokens), **kwargs)
     return out[:, batch.tokens.shape[1]:].cpu()
 
@@ -389,7 +399,7 @@ def generate_rollouts(
         if closes and think_budget > 0:
             batch = encode(handle, texts, enable_thinking=True, system=system, open_thinking=True)
             new = _generate(handle, batch, think_budget, sampling.temperature, think_stop, think_strings,
-                            sampling.seed, top_p=sampling.top_p, generators=generators(0))
+                            top_p=sampling.top_p, generators=generators(0))
             for j in range(len(idx)):
                 text, _ = _decode(tok, new[j], eos)
                 if fmt.close_tag in text:
@@ -401,7 +411,7 @@ def generate_rollouts(
         if isinstance(n_ctx, int):
             answer_budget = max(0, min(answer_budget, n_ctx - batch.tokens.shape[1]))
         if answer_budget > 0:
-            new = _generate(handle, batch, answer_budget, sampling.temperature, eos, None, sampling.seed,
+            new = _generate(handle, batch, answer_budget, sampling.temperature, eos, None,
                             top_p=sampling.top_p, generators=generators(1))
         else:
             new = torch.full((len(idx), 0), tok.pad_token_id or 0, dtype=torch.long)

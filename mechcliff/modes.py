@@ -132,7 +132,7 @@ def _generate_after_empty_block(handle: ModelHandle, items: list[Prompt], *, max
         batch = encode(handle, [items[i].text for i in idx], thinking=[""] * len(idx), enable_thinking=True,
                        system=system)
         gens = None if sampling.greedy else [sampling.generator(i, 0, 1) for i in idx]
-        new = _generate(handle, batch, max_answer_tokens, sampling.temperature, eos, None, seed,
+        new = _generate(handle, batch, max_answer_tokens, sampling.temperature, eos, None,
                         top_p=sampling.top_p, generators=gens)
         for j, i in enumerate(idx):
             answer, ended = _decode(tok, new[j], eos)
@@ -390,11 +390,10 @@ def compare_modes(
     (:func:`mechcliff.model.presets.generation_budgets`)."""
     from mechcliff.asr import refusal_flags
     from mechcliff.judges import get_judge
+    from mechcliff.model.presets import STUDY_BUDGETS, generation_budgets
     from mechcliff.trace import trace_refusal
 
-    from mechcliff.model.presets import generation_budgets
-
-    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(48, 32))
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=STUDY_BUDGETS)
     check_no_think_format(handle, no_think_format)
     harmful = _as_prompts(harmful_prompts, "harmful")
     harmless = _as_prompts(harmless_prompts, "harmless")

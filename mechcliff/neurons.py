@@ -286,11 +286,11 @@ def critical_neurons(
     :func:`default_m`). ``max_think_tokens`` / ``max_answer_tokens``: None = 4,096 / 512 on real models, 48 / 32 on
     the organisms (:func:`mechcliff.model.presets.generation_budgets`)."""
     from mechcliff.asr import refusal_flags
-    from mechcliff.model.presets import generation_budgets
-
-    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(48, 32))
     from mechcliff.generation import encode_rollouts, generate_rollouts
     from mechcliff.judges import get_judge
+    from mechcliff.model.presets import STUDY_BUDGETS, generation_budgets
+
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=STUDY_BUDGETS)
 
     D = [p if isinstance(p, Prompt) else Prompt(text=p, group="harmful", id=f"harmful-{i}")
          for i, p in enumerate(harmful_prompts)]

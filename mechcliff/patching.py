@@ -492,11 +492,10 @@ def attribution_patch_heads(
     """
     metric = resolve_metric(metric)
     tpos, spos = _check_pair(handle, target, source, target_position, source_position)
-    src_z = _source_z(handle, source, spos)
-    source_metric = _run_metric(handle, metric, source.tokens, source.attention_mask, spos, [])
     B, L = len(target), handle.n_layers
     stop = metric.stop_at_layer(handle)
     layers = range(L if stop is None else stop)
+    src_z, source_metric = _source_run(handle, source, spos, metric, layers)
     zs: dict[int, torch.Tensor] = {}
 
     def keep(z: torch.Tensor, hook: Any) -> torch.Tensor:

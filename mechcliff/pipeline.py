@@ -238,16 +238,14 @@ class RunConfig:
     def stage_hash(self, *fields: str) -> str:
         d = self.to_dict()
         # think_format "auto" and empty rollouts are left out, so that runs from before those options keep their
-        # hashes (and resume)
-        # (likewise top_p 1 and n_samples 1). Sampled rollouts (temperature > 0) are seeded per sample since those
-        # options came (per batch before), so a sampled run from before them is not resumed with other samples
+        # hashes (and resume); likewise top_p 1 and n_samples 1, and sampled rollouts are marked as seeded per sample
+        # (mechcliff.generation.hashed_sampling)
+        from mechcliff.generation import hashed_sampling
+
         keep = {k: d[k] for k in sorted(fields) if not (k == "think_format" and d[k] == "auto")
                 and not (k == "rollouts" and not d[k])
-                and not (k == "dtype" and d[k] == "float32") and not (k == "device_map" and d[k] is None)
-                and not (k in ("top_p", "n_samples") and d[k] == 1)}
-        if keep.get("temperature", 0) > 0:
-            keep["sampler"] = "per-sample seeds"
-        return content_hash([keep])
+                and not (k == "dtype" and d[k] == "float32") and not (k == "device_map" and d[k] is None)}
+        return content_hash([hashed_sampling(keep)])
 
 
 def check_options(config_cls: type, data: dict[str, Any], source: str) -> str:

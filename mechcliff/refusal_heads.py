@@ -392,11 +392,11 @@ def refusal_heads(
     harmless). Without either, the ablation is skipped (``ablation=None``). ``max_think_tokens`` /
     ``max_answer_tokens``: None = 4,096 / 512 on real models, 48 / 32 on the organisms
     (:func:`mechcliff.model.presets.generation_budgets`)."""
-    from mechcliff.model.presets import generation_budgets
+    from mechcliff.model.presets import STUDY_BUDGETS, generation_budgets
     from mechcliff.modes import (check_no_think_format, encode_mode, encode_prompts_mode, fit_rollout_probe,
                                  generate_mode_rollouts)
 
-    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(48, 32))
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=STUDY_BUDGETS)
     check_no_think_format(handle, no_think_format)
     if no_think_format == "omit":
         raise MechcliffError("refusal heads need a thinking block in the thinking-off prompt; use no_think_format "

@@ -316,9 +316,9 @@ def prepare_groups(
     (:func:`mechcliff.model.presets.generation_budgets`).
     """
     from mechcliff.generation import encode_rollouts, generate_rollouts
-    from mechcliff.model.presets import generation_budgets
+    from mechcliff.model.presets import COT_BUDGETS, generation_budgets
 
-    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=(64, 16))
+    max_think_tokens, max_answer_tokens = generation_budgets(handle, max_think_tokens, max_answer_tokens, short=COT_BUDGETS)
     if not safe_prompts:
         raise MechcliffError("the safe (harmless) prompt group is empty")
     if not unsafe_prompts:

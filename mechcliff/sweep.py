@@ -153,7 +153,7 @@ def generation_settings(generation: dict[str, Any] | None, handle: Any = None) -
     without the display-only ones (so ``{}`` and the explicit defaults are the same settings). The token budgets
     ``generate_rollouts`` takes from the model's preset when not given are filled in from ``handle``'s
     (:func:`mechcliff.model.presets.generation_budgets`)."""
-    from mechcliff.generation import generate_rollouts
+    from mechcliff.generation import generate_rollouts, hashed_sampling
     from mechcliff.model.presets import generation_budgets
 
     params = inspect.signature(generate_rollouts).parameters
@@ -165,14 +165,7 @@ def generation_settings(generation: dict[str, Any] | None, handle: Any = None) -
     sampling = full.pop("sampling", None)  # a Sampling object: the same settings as its four keywords
     if sampling is not None:
         full.update(temperature=sampling.temperature, top_p=sampling.top_p, n_samples=sampling.n, seed=sampling.seed)
-    # top_p 1 and one sample are left out, so that cells from before those options are still reused; sampled cells
-    # (temperature > 0) from before per-sample seeds (seeded per batch) are not
-    for k in ("top_p", "n_samples"):
-        if full.get(k) == 1:
-            full.pop(k)
-    if full.get("temperature", 0) > 0:
-        full["sampler"] = "per-sample seeds"
-    return _jsonable({k: v for k, v in full.items() if k not in _DISPLAY_ONLY})
+    return _jsonable({k: v for k, v in hashed_sampling(full).items() if k not in _DISPLAY_ONLY})
 
 
 def _texts(prompts: Sequence[Any]) -> list[str]:

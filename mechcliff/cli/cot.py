@@ -109,9 +109,9 @@ def parse_size(spec: Any) -> int | None:
 
 def _think_budget(handle: Any, args: argparse.Namespace) -> int:
     """The thinking budget the rollouts ran with (``--max-think-tokens``, else the model's default)."""
-    from mechcliff.model.presets import generation_budgets
+    from mechcliff.model.presets import COT_BUDGETS, generation_budgets
 
-    return generation_budgets(handle, args.max_think_tokens, None, short=(64, 16))[0]
+    return generation_budgets(handle, args.max_think_tokens, None, short=COT_BUDGETS)[0]
 
 
 def cmd_safety_layers(args: argparse.Namespace) -> int:

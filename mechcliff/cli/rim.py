@@ -286,10 +286,10 @@ def cmd_ras(args: argparse.Namespace) -> int:
                  else list(REASONING_PROMPTS[:args.n] if args.n else REASONING_PROMPTS))
     base = load(args.base)
     gen = _gen(args)
-    from mechcliff.model.presets import generation_budgets
+    from mechcliff.model.presets import STUDY_BUDGETS, generation_budgets
 
     gen["max_think_tokens"], gen["max_answer_tokens"] = generation_budgets(  # as the neurons stage resolves them
-        base, gen["max_think_tokens"], gen["max_answer_tokens"], short=(48, 32))
+        base, gen["max_think_tokens"], gen["max_answer_tokens"], short=STUDY_BUDGETS)
     paths = []
     if args.neurons:
         cn = load_saved(args.neurons)

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 
 from mechcliff.errors import MechcliffError
+from mechcliff.model.sites import site_of
 
 if TYPE_CHECKING:
     from mechcliff.model.conformance import ConformanceReport
@@ -275,8 +276,7 @@ class ModelHandle:
             "exact_decomposition": self.exact_decomposition,
             "conformance_checked": self.conformance is not None,
             # the sites read on the plain HF model (mechcliff.model.plain), as verified at load, and its attention
-            "plain_reads": sorted({n.split(".", 2)[2] if n.startswith("blocks.") else n
-                                   for n in self.extra.get("plain_sites", ())}),
+            "plain_reads": sorted({site_of(n) for n in self.extra.get("plain_sites", ())}),
             "plain_attention": self.extra.get("plain_attention"),
             "think_format": {"preset": self.extra.get("think_format", "auto"), **self.think.to_dict()},
             **({"adapter": self.extra["adapter"]} if "adapter" in self.extra else {}),

@@ -41,8 +41,17 @@ from mechcliff.model.sites import act_name
 if TYPE_CHECKING:
     from mechcliff.model.handle import ModelHandle
 
-#: Sites the plain path can read (short names of :data:`mechcliff.model.capture.SITES`).
-PLAIN_SITES = ("resid_pre", "resid_post", "z", "attn_out", "mlp_out", "mlp_post", "embed", "ln_final")
+#: Per-layer sites the plain path can read: short name → (the bridge component of a block whose wrapped HF module
+#: carries it, ``"pre"`` its input / ``"post"`` its output). The rows of the module docstring's table.
+LAYER_SITES: dict[str, tuple[str, str]] = {
+    "resid_pre": ("", "pre"), "resid_post": ("", "post"),  # "": the decoder layer itself
+    "z": ("attn.o", "pre"), "attn_out": ("attn.o", "post"),
+    "mlp_out": ("mlp", "post"), "mlp_post": ("mlp.out", "pre"),
+}
+#: Sites outside the blocks: short name → the bridge component whose wrapped module's output it is.
+GLOBAL_PLAIN_SITES: dict[str, str] = {"embed": "embed", "ln_final": "ln_final"}
+#: Every site the plain path can read (short names of :data:`mechcliff.model.sites.SITES` / ``GLOBAL_SITES``).
+PLAIN_SITES = (*LAYER_SITES, *GLOBAL_PLAIN_SITES)
 #: The attention implementations tried for the plain forward, fastest first (those the model supports).
 FAST_ATTENTION = ("flash_attention_2", "sdpa")
 
@@ -128,26 +137,22 @@ def plain_sites(handle: ModelHandle) -> dict[str, tuple[torch.nn.Module, str]]:
     """Hook name → (plain module, ``"pre"`` input / ``"post"`` output) of every :data:`PLAIN_SITES` site of every
     layer, found through the bridge's components; ``{}`` when the architecture is not laid out as the table of the
     module docstring (its reads then all go through the bridge)."""
+    def wrapped(component: Any) -> torch.nn.Module:
+        module = component.original_component
+        if module is None:
+            raise AttributeError("a bridge component without an HF module")
+        return module
+
     out: dict[str, tuple[torch.nn.Module, str]] = {}
     try:
         for layer in range(handle.n_layers):
             block = handle.bridge.blocks[layer]
-            decoder = block.original_component
-            o_proj = block.attn.o.original_component
-            mlp = block.mlp.original_component
-            down = block.mlp.out.original_component
-            if any(m is None for m in (decoder, o_proj, mlp, down)):
-                return {}
-            out[act_name("resid_pre", layer)] = (decoder, "pre")
-            out[act_name("resid_post", layer)] = (decoder, "post")
-            out[act_name("z", layer)] = (o_proj, "pre")
-            out[act_name("attn_out", layer)] = (o_proj, "post")
-            out[act_name("mlp_out", layer)] = (mlp, "post")
-            out[act_name("mlp_post", layer)] = (down, "pre")
-        for site, bridge_name in (("embed", "embed"), ("ln_final", "ln_final")):
-            module = getattr(getattr(handle.bridge, bridge_name, None), "original_component", None)
-            if module is not None:
-                out[act_name(site)] = (module, "post")
+            for site, (path, kind) in LAYER_SITES.items():
+                out[act_name(site, layer)] = (wrapped(block.get_submodule(path) if path else block), kind)
+        for site, name in GLOBAL_PLAIN_SITES.items():
+            component = getattr(handle.bridge, name, None)
+            if getattr(component, "original_component", None) is not None:
+                out[act_name(site)] = (wrapped(component), "post")
     except (AttributeError, IndexError, TypeError):
         return {}
     return out

@@ -25,6 +25,11 @@ from typing import Any
 _LEARNED = ("harmless", "harmful", "harmful_jailbreak")
 #: ``generate_rollouts``'s budgets on the organisms (its defaults before real models got reasoning-scale ones)
 ORGANISM_BUDGETS = (64, 48)
+#: The other papers' studies keep their own short budgets on the organisms (``generation_budgets(..., short=)``):
+#: compare-modes, refusal heads, neurons and RAS ("When Thinking Backfires") ...
+STUDY_BUDGETS = (48, 32)
+#: ... and the CoT studies, safety layers and spectral metrics ("CoT is Not the Chain of Truth").
+COT_BUDGETS = (64, 16)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,12 @@ def act_name(site: str, layer: int | None = None) -> str:
     return f"blocks.{int(layer)}.{SITES[site]}"
 
 
+def site_of(name: str) -> str:
+    """The site of a hook name without its layer (``"blocks.3.attn.hook_z"`` → ``"attn.hook_z"``); a hook outside
+    the blocks is its own site."""
+    return name.split(".", 2)[2] if _LAYER.match(name) else name
+
+
 def layer_of(name: str) -> int:
     """The layer of a per-layer hook name (``"blocks.3.attn.hook_z"`` → 3)."""
     m = _LAYER.match(name)
