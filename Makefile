@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python scripts/bench/generation.py
 	$(BIN)/python scripts/bench/patching.py
 	$(BIN)/python scripts/bench/spectral.py
+	$(BIN)/python scripts/bench/sampler.py
 
 clean-demo:
 	rm -rf $(DEMO)

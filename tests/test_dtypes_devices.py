@@ -81,10 +81,15 @@ def test_float32_attribution_still_claims_exactness(organism, organism_batch, or
     assert attr.max_abs_error < 1e-4
 
 
+def _half_on_disk(n_layers: int) -> dict[str, str]:
+    """An accelerate device map of the organism: the first half of its layers on the CPU, the rest on the disk."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    return device_map | {f"model.layers.{i}": ("cpu" if i < n_layers // 2 else "disk") for i in range(n_layers)}
+
+
 def test_offloaded_load_gives_the_plain_numbers(organism, organism_batch, organism_probe, tmp_path):
     n = organism.n_layers
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    device_map |= {f"model.layers.{i}": ("cpu" if i < n // 2 else "disk") for i in range(n)}
+    device_map = _half_on_disk(n)
     h = load_model("organism", device_map=device_map, offload_folder=tmp_path / "offload")
     assert any(tmp_path.joinpath("offload").iterdir())  # some layers really are on the disk
     assert h.device == torch.device("cpu") and h.describe()["device_map"]["model.layers.3"] == "disk"
@@ -107,10 +112,8 @@ def test_offloaded_load_gives_the_plain_numbers(organism, organism_batch, organi
 def test_an_offloaded_bf16_load_has_the_float32_fingerprint(organism, tmp_path):
     """Offloading replaces the offloaded tensors (they go to the meta device, their values to the disk in the
     load's dtype): the fingerprint keeps the values sampled before the cast, keyed by name, not by tensor id."""
-    n = organism.n_layers
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    device_map |= {f"model.layers.{i}": ("cpu" if i < n // 2 else "disk") for i in range(n)}
-    h = load_model("organism", dtype="bfloat16", device_map=device_map, offload_folder=tmp_path, check=False)
+    h = load_model("organism", dtype="bfloat16", device_map=_half_on_disk(organism.n_layers), offload_folder=tmp_path,
+                   check=False)
     assert h.dtype == torch.bfloat16 and h.describe()["device_map"]["model.layers.3"] == "disk"
     assert h.model_hash == organism.model_hash
 

@@ -139,7 +139,7 @@ def plain_sites(handle: ModelHandle) -> dict[str, tuple[torch.nn.Module, str]]:
     module docstring (its reads then all go through the bridge)."""
     def wrapped(component: Any) -> torch.nn.Module:
         module = component.original_component
-        if module is None:
+        if module is None:  # a block laid out otherwise: every read through the bridge
             raise AttributeError("a bridge component without an HF module")
         return module
 
@@ -149,10 +149,10 @@ def plain_sites(handle: ModelHandle) -> dict[str, tuple[torch.nn.Module, str]]:
             block = handle.bridge.blocks[layer]
             for site, (path, kind) in LAYER_SITES.items():
                 out[act_name(site, layer)] = (wrapped(block.get_submodule(path) if path else block), kind)
-        for site, name in GLOBAL_PLAIN_SITES.items():
-            component = getattr(handle.bridge, name, None)
-            if getattr(component, "original_component", None) is not None:
-                out[act_name(site)] = (wrapped(component), "post")
+        for site, name in GLOBAL_PLAIN_SITES.items():  # one missing here only sends that site to the bridge
+            module = getattr(getattr(handle.bridge, name, None), "original_component", None)
+            if module is not None:
+                out[act_name(site)] = (module, "post")
     except (AttributeError, IndexError, TypeError):
         return {}
     return out
